@@ -1,0 +1,239 @@
+"""
+Pretraining data: text files -> token ids in memory-mapped .bin files -> random batches.
+
+    read_documents(path)    stream a .txt (in ~1 MB pieces cut at line ends) or a .jsonl
+                            with {"text": ...} per line (the minimind pretraining format)
+    tokenize_to_bin(...)    encode once, append ids to a .bin (uint16 if the vocabulary
+                            fits in 65,536 ids, else uint32); files larger than memory work
+    prepare_dataset(...)    the whole step for a set of splits, cached by tokenizer fingerprint
+    TokenBin                np.memmap over a .bin: random training windows, eval windows
+
+Every document ends with <|endoftext|>, so the model learns where texts stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+CHUNK_BYTES = 1 << 20          # .txt files are read and encoded in pieces of about 1 MB
+JSONL_VAL_EVERY = 100          # user jsonl: every 100th record is held out for validation
+TXT_VAL_FRACTION = 0.01        # user .txt: the last 1% of each file is held out
+META_VERSION = 1
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the fix."""
+
+
+def _check_exists(path: Path):
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; pass .txt or .jsonl files")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if path.suffix not in (".txt", ".jsonl", ".md"):
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl with {{\"text\": ...}}")
+
+
+def _decode(raw: bytes, path: Path, line_no: int | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad_line = "?" if line_no is None else line_no + raw[:e.start].count(b"\n")
+        raise DataError(f"{path}:{bad_line}: bytes that are not UTF-8 ({raw[e.start:e.start + 4]!r}); "
+                        f"convert the file, e.g. `iconv -f GBK -t UTF-8 in.txt > out.txt`") from None
+
+
+def read_documents(path: str | Path, part: str = "all") -> Iterator[str]:
+    """Yield the text of a file as documents.
+
+    .txt: the file is one document, yielded in ~1 MB pieces cut after a newline.
+    .jsonl: one document per line, field "text".
+    part="train"/"val" keeps the training or validation part of a user file
+    (the last 1% of a .txt, every 100th jsonl record); "all" keeps everything.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(path, part)
+    else:
+        yield from _read_txt(path, part)
+
+
+def _read_txt(path: Path, part: str) -> Iterator[str]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        boundary = size                        # train = bytes [0, boundary), val = [boundary, size)
+        if part != "all":
+            f.seek(int(size * (1 - TXT_VAL_FRACTION)))
+            f.readline()                       # move the cut to the next line boundary
+            boundary = f.tell()
+            if boundary >= size:               # the cut fell in the last line: hold that line out
+                tail_start = max(0, size - CHUNK_BYTES)
+                f.seek(tail_start)
+                last_break = f.read().rstrip(b"\n").rfind(b"\n")
+                boundary = tail_start + last_break + 1 if last_break >= 0 else size
+        start, end = (boundary, size) if part == "val" else (0, boundary)
+        f.seek(start)
+        line_no = 1 if start == 0 else None    # line numbers are only known when reading from the top
+        offset = start
+        while offset < end:
+            raw = f.read(min(CHUNK_BYTES, end - offset))
+            if not raw:
+                return
+            if not raw.endswith(b"\n") and offset + len(raw) < end:
+                raw += f.readline()            # never cut a line (or a UTF-8 character) in two
+            yield _decode(raw, path, line_no)
+            if line_no is not None:
+                line_no += raw.count(b"\n")
+            offset += len(raw)
+
+
+def _read_jsonl(path: Path, part: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if part != "all" and ((line_no % JSONL_VAL_EVERY == 0) != (part == "val")):
+                continue
+            line = _decode(raw, path, line_no)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be "
+                                f'one object like {{"text": "..."}}') from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f'{path}:{line_no}: no "text" string field; each line must be '
+                                f'{{"text": "..."}} (found keys {list(record) if isinstance(record, dict) else type(record).__name__})')
+            yield record["text"]
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def tokenize_to_bin(paths: list[Path], tokenizer, out_path: Path, part: str = "all",
+                    desc: str = "tokenize") -> dict:
+    """Encode documents from `paths` into out_path (written to a temp file, then renamed).
+
+    Returns {"tokens": n, "bytes": b} where b is the UTF-8 size of the text encoded.
+    """
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp = out_path.with_suffix(".bin.tmp")
+    n_tokens = n_bytes = 0
+    total = sum(Path(p).stat().st_size for p in paths if Path(p).exists())
+    with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+        for path in paths:
+            pieces = list()
+            for doc in read_documents(path, part):
+                pieces.append(doc)
+                if sum(len(p) for p in pieces) >= CHUNK_BYTES or len(pieces) >= 1024:
+                    n_tokens, n_bytes = _flush(pieces, tokenizer, out, dtype, bar, n_tokens, n_bytes, path)
+                    pieces = []
+            if pieces:
+                n_tokens, n_bytes = _flush(pieces, tokenizer, out, dtype, bar, n_tokens, n_bytes, path)
+            # one <|endoftext|> after each .txt file (jsonl documents get one each, in _flush)
+            if Path(path).suffix != ".jsonl":
+                np.array([tokenizer.eot_id], dtype=dtype).tofile(out)
+                n_tokens += 1
+    if n_tokens == 0:
+        tmp.unlink()
+        raise DataError(f"{', '.join(map(str, paths))}: no text found for the {part} split")
+    os.replace(tmp, out_path)
+    return {"tokens": n_tokens, "bytes": n_bytes}
+
+
+def _flush(pieces, tokenizer, out, dtype, bar, n_tokens, n_bytes, path):
+    is_jsonl = Path(path).suffix == ".jsonl"
+    for ids, text in zip(tokenizer.encode_batch(pieces), pieces):
+        if is_jsonl:
+            ids = ids + [tokenizer.eot_id]
+        np.asarray(ids, dtype=dtype).tofile(out)
+        n_tokens += len(ids)
+        size = len(text.encode("utf-8"))
+        n_bytes += size
+        bar.update(size)
+    return n_tokens, n_bytes
+
+
+def prepare_dataset(splits: dict[str, list[Path]], tokenizer, cache_dir: Path,
+                    user_files: bool = False) -> Path:
+    """Tokenize each split once into cache_dir/<split>.bin; reuse when nothing changed.
+
+    splits: {"train": [...], "val_en": [...], ...}. With user_files=True every file is
+    split into its own train/val parts (see read_documents), giving "train" and "val".
+    The cache key covers the tokenizer, file names, sizes and modification times.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sources = sorted({str(Path(p).resolve()) for ps in splits.values() for p in ps})
+    for p in sources:
+        _check_exists(Path(p))
+    stamp = [tokenizer.fingerprint, META_VERSION, user_files] + [
+        (p, os.path.getsize(p), int(os.path.getmtime(p))) for p in sources]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    meta_path = cache_dir / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key and all((cache_dir / f"{s}.bin").exists() for s in meta["splits"]):
+            return cache_dir
+    if user_files:
+        files = splits["train"]
+        jobs = {"train": (files, "train"), "val": (files, "val")}
+    else:
+        jobs = {name: (paths, "all") for name, paths in splits.items()}
+    meta = {"key": key, "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name, "sources": sources, "splits": {}}
+    for name, (paths, part) in jobs.items():
+        meta["splits"][name] = tokenize_to_bin([Path(p) for p in paths], tokenizer,
+                                               cache_dir / f"{name}.bin", part, desc=f"tokenize {name}")
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)  # written last: its presence means every .bin is complete
+    return cache_dir
+
+
+class TokenBin:
+    """Token ids of one split, memory-mapped (the file is never loaded whole)."""
+
+    def __init__(self, path: Path, dtype):
+        self.path = Path(path)
+        self.data = np.memmap(self.path, dtype=dtype, mode="r")
+
+    def __len__(self):
+        return len(self.data)
+
+    def random_batch(self, batch_size: int, block_size: int, generator: torch.Generator):
+        """x, y (B, T) int64 from random windows; y is x shifted left by one token."""
+        if len(self.data) <= block_size + 1:
+            raise DataError(f"{self.path}: only {len(self.data)} tokens, fewer than one window of "
+                            f"{block_size + 1}; use more text or a smaller --block_size")
+        starts = torch.randint(len(self.data) - block_size - 1, (batch_size,), generator=generator)
+        x = np.stack([self.data[i:i + block_size] for i in starts.tolist()]).astype(np.int64)
+        y = np.stack([self.data[i + 1:i + 1 + block_size] for i in starts.tolist()]).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def eval_batches(self, batch_size: int, block_size: int, max_tokens: int | None = None):
+        """Yield x, y (b, T) over consecutive non-overlapping windows, from the start.
+
+        Deterministic, so every evaluation scores exactly the same tokens.
+        """
+        n_windows = (len(self.data) - 1) // block_size
+        if n_windows == 0:                     # a split shorter than one window: score it whole
+            block_size, n_windows = len(self.data) - 1, 1
+        if max_tokens is not None:
+            n_windows = min(n_windows, max(1, max_tokens // block_size))
+        for first in range(0, n_windows, batch_size):
+            rows = range(first, min(first + batch_size, n_windows))
+            x = np.stack([self.data[r * block_size:(r + 1) * block_size] for r in rows]).astype(np.int64)
+            y = np.stack([self.data[r * block_size + 1:(r + 1) * block_size + 1] for r in rows]).astype(np.int64)
+            yield torch.from_numpy(x), torch.from_numpy(y)

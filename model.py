@@ -1,0 +1,423 @@
+"""
+model.py -- one decoder-only Transformer, two flavours, one config.
+
+    flavour="gpt2"   learned positions, LayerNorm, GELU MLP, biases, tied embeddings
+    flavour="llama"  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head),
+                     optional q/k/v bias (Qwen2), no other biases
+
+Every variant is a switch of `ModelConfig`; a checkpoint stores its config as a
+dict, so `GPT(ModelConfig(**cfg))` rebuilds the exact network. This file imports
+nothing from the project: the network knows no tokenizer, no file format, no stage.
+
+Shapes in comments: B batch, T time (tokens), C n_embd, H heads, Hkv key/value
+heads, D head_dim = C // H, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (prompt tokens, padding)
+
+FLAVOURS = {
+    # flavour -> defaults for every switch the flavour decides
+    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", bias=True, qkv_bias=True, tie_embeddings=True),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, tie_embeddings=True),
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    block_size: int = 256        # context length (max tokens the model sees at once)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_kv_head: Optional[int] = None   # key/value heads for grouped-query attention; None = n_head
+    flavour: str = "llama"       # "gpt2" or "llama"; fills the switches below when they are None
+    position: Optional[str] = None    # "learned" | "rope"
+    norm: Optional[str] = None        # "layernorm" | "rmsnorm"
+    mlp: Optional[str] = None         # "gelu" | "swiglu"
+    bias: Optional[bool] = None       # biases in linear layers and LayerNorm
+    qkv_bias: Optional[bool] = None   # biases on q, k, v only (Qwen2 has them, Llama not)
+    tie_embeddings: Optional[bool] = None  # output head shares the token embedding matrix
+    ffn_hidden: Optional[int] = None  # feed-forward width; None = 4C (gelu) or ~8C/3 rounded (swiglu)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"unknown flavour {self.flavour!r}: use one of {sorted(FLAVOURS)}")
+        for name, value in FLAVOURS[self.flavour].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            if self.mlp == "swiglu":  # 2/3 of 4C keeps the parameter count of a 4C GELU MLP
+                self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            else:
+                self.ffn_hidden = 4 * self.n_embd
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError (one line, with the fix) for configs no network can have."""
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                             f"pick n_embd a multiple of n_head")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
+                             f"each key/value head must serve the same number of query heads")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.n_embd // self.n_head}: change n_embd or n_head")
+        for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}: the checkpoint is from a newer version?")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight   (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # compute in float32 for stability under bf16 autocast
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_positions, head_dim) for rotary embeddings.
+
+    Pair i of a head vector rotates by angle pos * theta^(-2i/D); the "rotate half"
+    layout (pairs are (x[i], x[i + D/2])) is the one Llama/Qwen checkpoints use.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (D/2,)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)          # (P, D/2)
+    angles = torch.cat([angles, angles], dim=-1)                                              # (P, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by position: x*cos + rotate_half(x)*sin, cos/sin (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer: (n_layer, B, Hkv, max_len, D).
+
+    `pos` is how many positions are filled. Generation runs the prompt once (prefill),
+    then one token at a time, each step reading all cached keys instead of recomputing them.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, D) at the current position; return all keys/values so far."""
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > {self.max_len}")
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with grouped-query heads (n_kv_head <= n_head)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.o_proj.is_residual_projection = True
+        self.use_rope = config.position == "rope"
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)   # (B, Hkv, start+T, D)
+        if self.n_kv_head != self.n_head:
+            # each group of H/Hkv query heads shares one key/value head
+            repeat = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(repeat, dim=1)          # (B, H, start+T, D)
+            v = v.repeat_interleave(repeat, dim=1)
+
+        if start == 0:
+            # no cached past: the usual lower-triangular causal mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # new query at absolute position start+i may see keys 0..start+i
+            q_pos = torch.arange(start, start + T, device=x.device).unsqueeze(1)   # (T, 1)
+            k_pos = torch.arange(start + T, device=x.device).unsqueeze(0)          # (1, start+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)    # (B, T, C)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    """GELU MLP: W2 gelu(W1 x).   SwiGLU: W2 (silu(Wg x) * W1 x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.down_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.dropout(self.down_proj(h))
+
+
+def make_feed_forward(config: ModelConfig) -> nn.Module:
+    """The one place a block's feed-forward is chosen (a Mixture-of-Experts plugs in here)."""
+    return FeedForward(config)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = make_norm(config)
+        self.ffn = make_feed_forward(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache))
+        x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+# ----------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2 init: N(0, 0.02); projections into the residual stream scaled by
+        # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); non_embedding drops token/position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if hasattr(self, "pos_emb"):
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def summary(self) -> str:
+        """A short, human-readable description of the architecture."""
+        c = self.config
+        attn = f"{c.n_head} heads" + (f" / {c.n_kv_head} kv heads (GQA)" if c.n_kv_head != c.n_head else "")
+        return (f"GPT[{c.flavour}] {self.num_params() / 1e6:.2f}M params "
+                f"({self.num_params(non_embedding=True) / 1e6:.2f}M non-embedding): "
+                f"{c.n_layer} layers x {c.n_embd} wide, {attn}, head_dim {c.head_dim}, "
+                f"{c.position} positions, {c.norm}, {c.mlp} ffn {c.ffn_hidden}, "
+                f"context {c.block_size}, vocab {c.vocab_size}"
+                f"{', tied embeddings' if c.tie_embeddings else ''}")
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None, reduction: str = "mean"):
+        """idx (B, T) token ids -> logits (B, T, V) and, if targets (B, T) are given, the loss.
+
+        Targets equal to IGNORE_INDEX (-100) do not count. reduction="none" returns the
+        loss per position (B, T) (0 where ignored), for bits-per-byte and log-prob sums.
+        With a kv_cache, idx are the next tokens after those already cached.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context "
+                             f"(block_size={self.config.block_size})")
+        x = self.tok_emb(idx)                                            # (B, T, C)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, D) each
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.final_norm(x)
+        logits = self.lm_head(x)                                         # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
+        if reduction == "none":
+            loss = loss.view(B, T)
+        return logits, loss
+
+    # ------------------------------------------------------------------ generation
+
+    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        stop_tokens: tuple = (), use_cache: bool = True,
+                        generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+        """Yield new tokens (B,) one step at a time after the prompt idx (B, T).
+
+        With the cache: one forward over the prompt (prefill), then one token per step.
+        Without it: the whole sequence is recomputed every step (slow; for comparison).
+        Stops early when every row has produced a stop token.
+        """
+        if idx.shape[1] >= self.config.block_size:
+            raise ValueError(f"prompt of {idx.shape[1]} tokens does not fit the context of "
+                             f"{self.config.block_size} tokens: shorten it")
+        max_new_tokens = min(max_new_tokens, self.config.block_size - idx.shape[1])
+        cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        stop = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
+        sequence, step_input = idx, idx
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, _ = self(step_input, kv_cache=cache)
+            else:
+                logits, _ = self(sequence)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            yield next_token
+            finished |= torch.isin(next_token, stop)
+            if finished.all():
+                return
+            step_input = next_token.unsqueeze(1)                         # (B, 1)
+            sequence = torch.cat([sequence, step_input], dim=1)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Prompt (B, T) -> prompt plus generated tokens (B, T + n)."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V).
+
+    temperature 0 -> argmax (greedy). Otherwise softmax(logits / temperature), keeping only
+    the top_k most likely tokens and/or the smallest set whose probability reaches top_p.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]       # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the best one always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -1,0 +1,206 @@
+"""
+pretrain.py -- teach a Transformer to predict the next token of plain text.
+
+    python pretrain.py                          # default bilingual corpus, CPU, a few minutes
+    python pretrain.py --data my.txt more.jsonl # your own text (.txt, or .jsonl with {"text": ...})
+    python pretrain.py --preset gpt2-124m       # GPT-2 small size, for a GPU
+    torchrun --nproc_per_node 2 pretrain.py     # data-parallel on 2 processes (gloo on CPU, nccl on GPU)
+    python pretrain.py --resume                 # continue a run that was stopped
+
+Steps: build the corpus and tokenizer if missing -> tokenize once into .bin files ->
+train on random windows -> evaluate bits per byte on held-out text -> weight/pretrain/.
+
+Bits per byte (bpb) = total cross-entropy in bits / number of UTF-8 bytes predicted.
+Unlike loss per token, it does not depend on the tokenizer, so any two runs compare.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.corpus import build_default_corpus
+from data.pretrain_data import TokenBin, prepare_dataset
+from model import GPT, ModelConfig
+from tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, train_tokenizer_on_files
+from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, load_checkpoint, main_guard,
+                      parse_config, run_training, setup_runtime, write_metrics)
+
+DEFAULT_CORPUS_DIR = ROOT / "data" / "default"
+USER_CACHE_DIR = ROOT / "data" / "cache"
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    # data and tokenizer
+    data: tuple = arg((), "text files to train on (.txt, or .jsonl with {\"text\": ...}); "
+                          "empty = the default Shakespeare + Chinese poetry corpus", nargs="*", type=str)
+    tokenizer: str = arg(str(DEFAULT_TOKENIZER_PATH.relative_to(ROOT)),
+                         "tokenizer file; trained on the training text if it does not exist")
+    vocab_size: int = arg(4096, "vocabulary size when a new tokenizer is trained")
+    # model (see model.ModelConfig)
+    flavour: str = arg("llama", "gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU)",
+                       choices=["gpt2", "llama"])
+    n_layer: int = arg(4, "Transformer blocks")
+    n_head: int = arg(4, "attention heads")
+    n_kv_head: int = arg(0, "key/value heads for grouped-query attention (0 = n_head)")
+    n_embd: int = arg(192, "embedding width")
+    block_size: int = arg(256, "context length in tokens")
+    dropout: float = arg(0.0, "dropout probability")
+    # training (defaults chosen for a 2-core CPU and a ~5 minute run)
+    out_dir: str = arg("weight/pretrain", "output folder")
+    max_steps: int = arg(600, "optimizer steps")
+    batch_size: int = arg(16, "sequences per micro-batch")
+    lr: float = arg(3e-3, "peak learning rate")
+    min_lr: float = arg(3e-4, "final learning rate")
+    warmup_steps: int = arg(30, "linear warmup steps")
+    eval_interval: int = arg(100, "evaluate and checkpoint every N steps")
+    eval_tokens: int = arg(16384, "tokens per validation split in periodic evals")
+    sample_tokens: int = arg(60, "tokens of sample text printed at the end (0 = none)")
+
+
+PRESETS = {
+    # the default: a small model that trains on a laptop CPU in a few minutes
+    "cpu": {},
+    # GPT-2 small (124M with GPT-2's 50k vocabulary); for a GPU, with your own data (--data)
+    "gpt2-124m": dict(flavour="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
+                      batch_size=16, grad_accum=8, lr=6e-4, min_lr=6e-5, warmup_steps=200,
+                      max_steps=5000, eval_interval=250, eval_tokens=262144, compile=True),
+    # the same size in the modern flavour, with grouped-query attention
+    "llama-124m": dict(flavour="llama", n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024,
+                       batch_size=16, grad_accum=8, lr=6e-4, min_lr=6e-5, warmup_steps=200,
+                       max_steps=5000, eval_interval=250, eval_tokens=262144, compile=True),
+}
+
+
+def prepare_data(cfg: PretrainConfig, verbose: bool):
+    """Corpus -> tokenizer -> token .bin files. Returns (tokenizer, folder of .bin files, split names)."""
+    if cfg.data:
+        splits, cache_root, user_files = {"train": [Path(p) for p in cfg.data]}, USER_CACHE_DIR, True
+    else:
+        splits, cache_root, user_files = build_default_corpus(DEFAULT_CORPUS_DIR, verbose), DEFAULT_CORPUS_DIR, False
+    tok_path = Path(cfg.tokenizer)
+    if not tok_path.is_absolute():
+        tok_path = ROOT / tok_path
+    if not tok_path.exists():
+        if verbose:
+            print(f"tokenizer: {tok_path} missing, training a {cfg.vocab_size}-token BPE on the training text")
+        tokenizer = train_tokenizer_on_files(splits["train"], cfg.vocab_size, tok_path)
+    else:
+        tokenizer = Tokenizer.load(tok_path)
+    if user_files:  # one cache folder per set of user files
+        import hashlib
+        key = hashlib.sha256("\n".join(sorted(str(Path(p).resolve()) for p in cfg.data)).encode()).hexdigest()[:12]
+        cache_root = USER_CACHE_DIR / key
+    bin_dir = prepare_dataset(splits, tokenizer, cache_root / "tokens", user_files=user_files)
+    val_splits = ["val"] if user_files else [s for s in splits if s.startswith("val")]
+    return tokenizer, bin_dir, val_splits
+
+
+def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Tensor, block_size: int,
+                            batch_size: int, device: torch.device):
+    """evaluate(model, max_tokens) -> val_loss (nats/token) and bpb, overall and per split.
+
+    bpb = sum over predicted tokens of -log2 p(token) / sum of their UTF-8 bytes.
+    Special tokens (<|endoftext|>) count 0 bytes, and their loss still counts, so bpb
+    stays an honest upper bound on the cost of the text.
+    """
+    def evaluate(model: GPT, max_tokens: int | None) -> dict:
+        totals = {"nats": 0.0, "tokens": 0, "bytes": 0}
+        metrics = {}
+        for name, data in val_bins.items():
+            nats = n_tokens = n_bytes = 0
+            for x, y in data.eval_batches(batch_size, block_size, max_tokens):
+                x, y = x.to(device), y.to(device)
+                _, loss = model(x, y, reduction="none")          # (b, T) nats per position
+                nats += loss.float().sum().item()
+                n_tokens += y.numel()
+                n_bytes += token_bytes[y].sum().item()
+            suffix = name[len("val"):]                            # "", "_en", "_zh"
+            metrics[f"val_loss{suffix}"] = nats / n_tokens
+            metrics[f"val_bpb{suffix}"] = nats / math.log(2) / max(n_bytes, 1)
+            totals["nats"] += nats
+            totals["tokens"] += n_tokens
+            totals["bytes"] += n_bytes
+        metrics["val_loss"] = totals["nats"] / totals["tokens"]
+        metrics["val_bpb"] = totals["nats"] / math.log(2) / max(totals["bytes"], 1)
+        return metrics
+    return evaluate
+
+
+def main():
+    started = time.time()
+    cfg = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), presets=PRESETS)
+    rt = setup_runtime(cfg)
+
+    # 1. data: the main process builds what is missing, the others then find it cached
+    if rt.is_main:
+        tokenizer, bin_dir, val_splits = prepare_data(cfg, verbose=True)
+    if rt.distributed:
+        torch.distributed.barrier()
+    if not rt.is_main:
+        tokenizer, bin_dir, val_splits = prepare_data(cfg, verbose=False)
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    train_bin = TokenBin(bin_dir / "train.bin", dtype)
+    val_bins = {name: TokenBin(bin_dir / f"{name}.bin", dtype) for name in val_splits}
+
+    # 2. model: fresh, or continued from a checkpoint
+    if cfg.init_from:
+        model, ckpt_config = load_checkpoint(cfg.init_from)
+        check_tokenizer_matches(ckpt_config, tokenizer, cfg.init_from)
+        model_config = model.config
+    else:
+        model_config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size,
+                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or None,
+                                   n_embd=cfg.n_embd, flavour=cfg.flavour, dropout=cfg.dropout)
+        model = GPT(model_config)
+    if rt.is_main:
+        print(model.summary())
+        print(f"data: {len(train_bin):,} training tokens, "
+              + ", ".join(f"{n} {len(b):,}" for n, b in val_bins.items())
+              + f"; {cfg.batch_size * cfg.grad_accum * rt.world_size * model_config.block_size:,} tokens per step"
+              + f" on {rt.device} ({str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es))")
+
+    # 3. train
+    block_size = model_config.block_size
+
+    def next_batch(generator):
+        return train_bin.random_batch(cfg.batch_size, block_size, generator)
+
+    token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.long, device=rt.device)
+    evaluate = bits_per_byte_evaluator(val_bins, token_bytes, block_size, cfg.batch_size * 2, rt.device)
+    meta = {"tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+            "data": [str(p) for p in cfg.data] or "default"}
+    result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="pretrain")
+
+    # 4. final numbers: the saved (best) weights on all of the validation text
+    if rt.is_main:
+        best, _ = load_checkpoint(cfg.out_dir)
+        best.to(rt.device).eval()
+        with torch.no_grad(), rt.autocast():
+            final = evaluate(best, None)
+        metrics = {**final, "val_bpb_en": final.get("val_bpb_en"), "val_bpb_zh": final.get("val_bpb_zh"),
+                   "params": best.num_params(), "tokens": result["tokens"],
+                   "tokens_per_second": round(result["tokens_per_second"], 1),
+                   "seconds": round(result["seconds"], 1), "wall_seconds": round(time.time() - started, 1),
+                   "steps": result["step"], "device": str(rt.device), "world_size": rt.world_size}
+        write_metrics(Path(cfg.out_dir), metrics)
+        langs = ", ".join(f"{k[-2:]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_bpb_") and v)
+        print(f"pretrain: val bpb {metrics['val_bpb']:.3f} ({langs}), val loss {metrics['val_loss']:.3f}, "
+              f"{metrics['params'] / 1e6:.2f}M params, {metrics['tokens']:,} tokens in {metrics['seconds']:.0f}s "
+              f"({metrics['tokens_per_second']:,.0f} tok/s) -> {cfg.out_dir}/")
+        if cfg.sample_tokens:
+            prompt = torch.tensor([tokenizer.encode_ordinary("\n")], device=rt.device)
+            out = best.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
+                                generator=torch.Generator(device=rt.device).manual_seed(cfg.seed))
+            print("sample:\n" + tokenizer.decode(out[0, 1:].tolist()).strip())
+    if rt.distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main_guard(main)

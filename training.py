@@ -1,0 +1,507 @@
+"""
+training.py -- what every stage needs the same way, written once.
+
+    parse_config      argparse flags generated from a config dataclass (+ presets)
+    setup_runtime     device, dtype/autocast, seeds, torchrun DDP (gloo on CPU, nccl on CUDA)
+    make_optimizer    AdamW, weight decay on matrices only, fused on CUDA
+    lr_at             linear warmup, then cosine decay to min_lr
+    save_checkpoint / load_checkpoint   atomic files, torch.load(weights_only=True)
+    run_training      the loop: accumulation, clipping, tqdm, eval, best checkpoint,
+                      resumable state, CSV log, loss.png, metrics.json
+    main_guard        turns bad input into one clear line instead of a traceback
+
+A stage script (pretrain.py, full_sft.py, ...) supplies only what is its own: the
+data, the batches and the evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import GPT, ModelConfig
+
+ROOT = Path(__file__).resolve().parent
+WEIGHTS_FILE = "model.pt"      # weights only (the best checkpoint): state_dict of tensors
+RESUME_FILE = "resume.pt"      # everything needed to continue: weights, optimizer, step, RNG
+CONFIG_FILE = "config.json"    # model config, tokenizer, training arguments
+TOKENIZER_FILE = "tokenizer.json"  # a copy of the tokenizer, so a checkpoint stands alone
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.csv"
+PLOT_FILE = "loss.png"
+
+
+def arg(default, help: str, **kwargs):
+    """A config field with its --help text (and optional argparse extras such as choices)."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Flags shared by every training stage. Stages subclass this and add their own."""
+    out_dir: str = arg("weight/stage", "folder for weights, config.json, metrics.json, log.csv, loss.png")
+    init_from: str = arg("", "checkpoint folder to start from ('' = random init)")
+    device: str = arg("auto", "auto | cpu | cuda | mps", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = arg("auto", "auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    compile: bool = arg(False, "torch.compile the model (worth it on a GPU)")
+    seed: int = arg(1337, "random seed (data order, init, dropout)")
+    max_steps: int = arg(1000, "optimizer steps")
+    batch_size: int = arg(16, "sequences per micro-batch (per process)")
+    grad_accum: int = arg(1, "micro-batches accumulated per optimizer step")
+    lr: float = arg(1e-3, "peak learning rate")
+    min_lr: float = arg(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = arg(50, "linear warmup steps")
+    weight_decay: float = arg(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = off)")
+    eval_interval: int = arg(100, "evaluate (and save a resumable checkpoint) every N steps")
+    eval_tokens: int = arg(32768, "tokens per validation split in periodic evals (the final eval uses all)")
+    log_interval: int = arg(10, "write a training-loss row to log.csv every N steps")
+    resume: bool = arg(False, "continue from out_dir/resume.pt (model, optimizer, step, RNG)")
+
+
+# ----------------------------------------------------------------------------------
+# Flags
+
+
+def parse_config(cls, description: str, argv=None, presets: Optional[dict[str, dict]] = None):
+    """Build an argparse parser from the fields of dataclass `cls` and parse argv.
+
+    Every field becomes --name (bools get --name / --no-name). With presets, --preset
+    NAME first replaces the defaults by the preset's values; explicit flags still win.
+    """
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="a named set of defaults; flags given explicitly override it")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        value_type = meta.pop("type", type(f.default))
+        if value_type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+        elif meta.pop("nargs", None) == "*":
+            parser.add_argument(f"--{f.name}", nargs="*", default=f.default, help=help_text, **meta)
+        else:
+            parser.add_argument(f"--{f.name}", type=value_type, default=f.default, help=help_text, **meta)
+    args = parser.parse_args(argv)
+    values = vars(args)
+    preset = values.pop("preset", None)
+    if preset:
+        # a preset changes a value only where the user left the flag at its default
+        given = {a.split("=")[0].lstrip("-").replace("no-", "", 1) for a in (argv if argv is not None else sys.argv[1:])
+                 if a.startswith("--")}
+        for name, value in presets[preset].items():
+            if name not in given:
+                values[name] = value
+    cfg = cls(**values)
+    cfg.preset = preset
+    return cfg
+
+
+# ----------------------------------------------------------------------------------
+# Device, precision, distributed
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype          # autocast dtype (float32 = no autocast)
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        """Mixed precision: matmuls in bf16/fp16, weights and optimizer state stay fp32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: Apple-silicon GPU not available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def setup_runtime(cfg) -> Runtime:
+    """Pick device and dtype, seed everything, and join the torchrun group if launched by it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.device)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(cfg.seed)
+    return Runtime(device, resolve_dtype(cfg.dtype, device), rank, local_rank, world_size)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All global RNG states, as plain types and tensors (so torch.load(weights_only=True) reads them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on 2-D weights (matmuls, embeddings), none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temp file in the same folder, then rename: never half a file."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, model: GPT, meta: dict, tokenizer=None):
+    """Weights (model.pt), config.json (model config + meta) and a copy of the tokenizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(state, out_dir / WEIGHTS_FILE)
+    config = {"model": model.config.to_dict(), **meta}
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save(out_dir / TOKENIZER_FILE)
+
+
+def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python pretrain.py"):
+    """Rebuild the model a checkpoint folder describes. Returns (model, config dict).
+
+    Weights are read with weights_only=True: no pickled code runs.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    config_path, weights_path = ckpt_dir / CONFIG_FILE, ckpt_dir / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: no checkpoint in {ckpt_dir}/; "
+                                    f"create one with `{make_hint}`")
+    config = json.loads(config_path.read_text())
+    model = GPT(ModelConfig.from_dict(config["model"]))
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device), config
+
+
+def load_checkpoint_tokenizer(ckpt_dir: str | Path):
+    from tokenizer import Tokenizer  # the plumbing uses the tokenizer only to read a checkpoint's copy
+    return Tokenizer.load(Path(ckpt_dir) / TOKENIZER_FILE)
+
+
+def check_tokenizer_matches(config: dict, tokenizer, where: str):
+    """A checkpoint trained with one tokenizer gives garbage with another: refuse clearly."""
+    expected = config.get("tokenizer", {}).get("fingerprint")
+    if expected and expected != tokenizer.fingerprint:
+        raise ValueError(f"{where} was trained with tokenizer {expected}, but the tokenizer given is "
+                         f"{tokenizer.fingerprint}: use the checkpoint's own {TOKENIZER_FILE} or retrain")
+
+
+# ----------------------------------------------------------------------------------
+# Logging
+
+
+class CsvLog:
+    """Rows of {step, ...} appended to log.csv; on resume, rows after the resumed step are dropped."""
+
+    COLUMNS = ["step", "tokens", "seconds", "lr", "train_loss", "val_loss", "val_bpb"]
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None, extra_columns=()):
+        self.path = path
+        self.columns = self.COLUMNS + [c for c in extra_columns if c not in self.COLUMNS]
+        rows = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, **row):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot_log(csv_path: Path, png_path: Path, title: str):
+    """loss.png: training loss and validation loss against steps (bpb on a second axis)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def series(key):
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return zip(*pts) if pts else ((), ())
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*series("train_loss"), label="train loss", alpha=0.7)
+    ax.plot(*series("val_loss"), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    bpb_steps, bpb = series("val_bpb")
+    if bpb:
+        ax2 = ax.twinx()
+        ax2.plot(bpb_steps, bpb, "s--", color="tab:green", label="val bpb")
+        ax2.set_ylabel("bits per byte")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = png_path.with_name("tmp-" + png_path.name)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# ----------------------------------------------------------------------------------
+# The training loop
+
+
+def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable,
+                 evaluate: Callable, meta: dict, tokenizer=None, stage: str = "train") -> dict:
+    """Train `model` for cfg.max_steps optimizer steps and return the final metrics.
+
+    next_batch(generator) -> (x, y) on CPU, (B, T) each; y = -100 where the loss is ignored.
+    evaluate(model, max_tokens) -> dict with at least "val_loss" (lower is better).
+    meta: what config.json records besides the model config (tokenizer, arguments, stage).
+
+    Every eval_interval steps: evaluate, save the weights if val_loss is the best so far
+    (model.pt), and save everything needed to resume (resume.pt).
+    """
+    out_dir = Path(cfg.out_dir)
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(rt.device)
+    optimizer = make_optimizer(model, cfg, rt.device)
+    batch_rng = torch.Generator().manual_seed(cfg.seed + rt.rank)  # data order, saved for resume
+    state = {"step": 0, "best_val_loss": float("inf"), "tokens": 0, "seconds": 0.0}
+
+    resume_path = out_dir / RESUME_FILE
+    if cfg.resume:
+        if not resume_path.exists():
+            raise FileNotFoundError(f"{resume_path} not found: nothing to resume; drop --resume to start fresh")
+        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        batch_rng.set_state(saved["batch_rng"][rt.rank] if rt.rank < len(saved["batch_rng"]) else saved["batch_rng"][0])
+        set_rng_state(saved["rng"])
+        state = saved["state"]
+        if rt.is_main:
+            print(f"resuming from {resume_path} at step {state['step']}")
+
+    train_model = torch.compile(model) if cfg.compile else model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(train_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    tokens_per_step = None
+    log = CsvLog(out_dir / LOG_FILE, resume_step=state["step"] if cfg.resume else None) if rt.is_main else None
+    meta = {**meta, "stage": stage, "train": dataclasses.asdict(cfg)}
+
+    def eval_and_checkpoint(step: int):
+        """Evaluate, keep the best weights, write a resumable state (main process writes)."""
+        batch_rng_states = gather_rng_states(batch_rng, rt)   # every process takes part
+        if not rt.is_main:
+            return None
+        model.eval()
+        with torch.no_grad(), rt.autocast():
+            metrics = evaluate(model, cfg.eval_tokens)
+        model.train()
+        log.write(step=step, tokens=state["tokens"], seconds=state["seconds"], **metrics)
+        if metrics["val_loss"] < state["best_val_loss"]:
+            state["best_val_loss"] = metrics["val_loss"]
+            save_checkpoint(out_dir, model, {**meta, "step": step, "metrics": metrics}, tokenizer)
+        state["step"] = step
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "batch_rng": batch_rng_states, "rng": rng_state(),
+                     "state": dict(state)}, resume_path)
+        return metrics
+
+    model.train()
+    start_step = state["step"]
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+               desc=stage, disable=not rt.is_main, dynamic_ncols=True)
+    metrics = {}
+    for step in bar:
+        if step % cfg.eval_interval == 0 and (step > start_step or not cfg.resume):
+            metrics = eval_and_checkpoint(step) or metrics
+            if rt.distributed:
+                dist.barrier()
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, step_tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            x, y = next_batch(batch_rng)
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            # in DDP, only the last micro-batch synchronises gradients across processes
+            sync = contextlib.nullcontext() if (not rt.distributed or micro == cfg.grad_accum - 1) \
+                else train_model.no_sync()
+            with sync, rt.autocast():
+                _, loss = train_model(x, y)
+                loss = loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            step_tokens += x.numel()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        state["seconds"] += dt
+        state["tokens"] += step_tokens * rt.world_size
+        tokens_per_step = step_tokens * rt.world_size
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if rt.is_main and (step % cfg.log_interval == 0 or step == cfg.max_steps - 1):
+            log.write(step=step + 1, tokens=state["tokens"], seconds=state["seconds"], lr=lr, train_loss=loss_sum)
+    bar.close()
+
+    # the last step always ends with an evaluation and a resumable state
+    if cfg.max_steps > start_step:
+        metrics = eval_and_checkpoint(cfg.max_steps) or metrics
+    if rt.distributed:
+        dist.barrier()
+    if rt.is_main:
+        plot_log(out_dir / LOG_FILE, out_dir / PLOT_FILE, f"{stage}: {out_dir}")
+    return {"step": cfg.max_steps, "tokens": state["tokens"], "seconds": state["seconds"],
+            "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9), **(metrics or {})}
+
+
+def gather_rng_states(generator: torch.Generator, rt: Runtime) -> list:
+    """Every process's data-order RNG, so a resumed DDP run sees the same batches."""
+    mine = generator.get_state()
+    if not rt.distributed:
+        return [mine]
+    states = [None] * rt.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def write_metrics(out_dir: Path, metrics: dict):
+    atomic_write_text(Path(out_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
+
+
+# ----------------------------------------------------------------------------------
+# Clear errors
+
+
+def main_guard(main: Callable):
+    """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr.
+
+    Set WORKSHOP_DEBUG=1 to see the full traceback instead.
+    """
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("WORKSHOP_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
