@@ -31,7 +31,6 @@ from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, load_chec
                       parse_config, run_training, setup_runtime, write_metrics)
 
 DEFAULT_CORPUS_DIR = ROOT / "data" / "default"
-USER_CACHE_DIR = ROOT / "data" / "cache"
 
 
 @dataclass
@@ -42,6 +41,7 @@ class PretrainConfig(TrainConfig):
     tokenizer: str = arg(str(DEFAULT_TOKENIZER_PATH.relative_to(ROOT)),
                          "tokenizer file; trained on the training text if it does not exist")
     vocab_size: int = arg(4096, "vocabulary size when a new tokenizer is trained")
+    cache_dir: str = arg("data/cache", "where tokenized user data (--data) is cached")
     # model (see model.ModelConfig)
     flavour: str = arg("llama", "gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU)",
                        choices=["gpt2", "llama"])
@@ -80,7 +80,7 @@ PRESETS = {
 def prepare_data(cfg: PretrainConfig, verbose: bool):
     """Corpus -> tokenizer -> token .bin files. Returns (tokenizer, folder of .bin files, split names)."""
     if cfg.data:
-        splits, cache_root, user_files = {"train": [Path(p) for p in cfg.data]}, USER_CACHE_DIR, True
+        splits, cache_root, user_files = {"train": [Path(p) for p in cfg.data]}, None, True
     else:
         splits, cache_root, user_files = build_default_corpus(DEFAULT_CORPUS_DIR, verbose), DEFAULT_CORPUS_DIR, False
     tok_path = Path(cfg.tokenizer)
@@ -95,7 +95,7 @@ def prepare_data(cfg: PretrainConfig, verbose: bool):
     if user_files:  # one cache folder per set of user files
         import hashlib
         key = hashlib.sha256("\n".join(sorted(str(Path(p).resolve()) for p in cfg.data)).encode()).hexdigest()[:12]
-        cache_root = USER_CACHE_DIR / key
+        cache_root = ROOT / cfg.cache_dir / key
     bin_dir = prepare_dataset(splits, tokenizer, cache_root / "tokens", user_files=user_files)
     val_splits = ["val"] if user_files else [s for s in splits if s.startswith("val")]
     return tokenizer, bin_dir, val_splits
@@ -132,9 +132,9 @@ def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Te
     return evaluate
 
 
-def main():
+def main(argv=None):
     started = time.time()
-    cfg = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), presets=PRESETS)
+    cfg = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS)
     rt = setup_runtime(cfg)
 
     # 1. data: the main process builds what is missing, the others then find it cached

