@@ -208,6 +208,10 @@ class Attention(nn.Module):
             # no cached past: the usual lower-triangular causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif T == 1:
+            # one new token after the cache: it may see every cached key, so no mask at all
+            # (a mask would also rule out the fastest attention kernels)
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
             # new query at absolute position start+i may see keys 0..start+i
             q_pos = torch.arange(start, start + T, device=x.device).unsqueeze(1)   # (T, 1)

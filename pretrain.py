@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data.corpus import build_default_corpus
-from data.pretrain_data import TokenBin, prepare_dataset
+from data.pretrain_data import MixedBatches, TokenBin, prepare_dataset
 from model import GPT, ModelConfig
 from tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, train_tokenizer_on_files
 from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, load_checkpoint, main_guard,
@@ -41,6 +41,8 @@ class PretrainConfig(TrainConfig):
     tokenizer: str = arg(str(DEFAULT_TOKENIZER_PATH.relative_to(ROOT)),
                          "tokenizer file; trained on the training text if it does not exist")
     vocab_size: int = arg(4096, "vocabulary size when a new tokenizer is trained")
+    zh_share: float = arg(0.2, "default corpus: share of each batch taken from the Chinese text "
+                                "(its natural share is about a third; less leaves more for English)")
     cache_dir: str = arg("data/cache", "where tokenized user data (--data) is cached")
     # model (see model.ModelConfig)
     flavour: str = arg("llama", "gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU)",
@@ -53,12 +55,16 @@ class PretrainConfig(TrainConfig):
     dropout: float = arg(0.0, "dropout probability")
     # training (defaults chosen for a 2-core CPU and a ~5 minute run)
     out_dir: str = arg("weight/pretrain", "output folder")
-    max_steps: int = arg(600, "optimizer steps")
+    max_steps: int = arg(600, "optimizer steps (at most: the time budget usually ends the run first)")
+    time_budget: float = arg(210.0, "seconds of training steps; the schedule follows the clock "
+                                    "(0 = off: exactly max_steps, reproducible)")
+    optimizer: str = arg("muon", "muon (Muon for the blocks' matrices, AdamW for the rest) or adamw",
+                         choices=["adamw", "muon"])
     batch_size: int = arg(16, "sequences per micro-batch")
     lr: float = arg(3e-3, "peak learning rate")
     min_lr: float = arg(3e-4, "final learning rate")
     warmup_steps: int = arg(30, "linear warmup steps")
-    eval_interval: int = arg(100, "evaluate and checkpoint every N steps")
+    eval_interval: int = arg(130, "evaluate and checkpoint every N steps")
     eval_tokens: int = arg(16384, "tokens per validation split in periodic evals")
     sample_tokens: int = arg(60, "tokens of sample text printed at the end (0 = none)")
 
@@ -69,16 +75,21 @@ PRESETS = {
     # GPT-2 small (124M with GPT-2's 50k vocabulary); for a GPU, with your own data (--data)
     "gpt2-124m": dict(flavour="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
                       batch_size=16, grad_accum=8, lr=6e-4, min_lr=6e-5, warmup_steps=200,
-                      max_steps=5000, eval_interval=250, eval_tokens=262144, compile=True),
+                      max_steps=5000, eval_interval=250, eval_tokens=262144, compile=True,
+                      optimizer="adamw", time_budget=0),
     # the same size in the modern flavour, with grouped-query attention
     "llama-124m": dict(flavour="llama", n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024,
                        batch_size=16, grad_accum=8, lr=6e-4, min_lr=6e-5, warmup_steps=200,
-                       max_steps=5000, eval_interval=250, eval_tokens=262144, compile=True),
+                       max_steps=5000, eval_interval=250, eval_tokens=262144, compile=True,
+                       optimizer="adamw", time_budget=0),
 }
 
 
 def prepare_data(cfg: PretrainConfig, verbose: bool):
-    """Corpus -> tokenizer -> token .bin files. Returns (tokenizer, folder of .bin files, split names)."""
+    """Corpus -> tokenizer -> token .bin files.
+
+    Returns (tokenizer, folder of .bin files, training split names, validation split names).
+    """
     if cfg.data:
         splits, cache_root, user_files = {"train": [Path(p) for p in cfg.data]}, None, True
     else:
@@ -89,7 +100,8 @@ def prepare_data(cfg: PretrainConfig, verbose: bool):
     if not tok_path.exists():
         if verbose:
             print(f"tokenizer: {tok_path} missing, training a {cfg.vocab_size}-token BPE on the training text")
-        tokenizer = train_tokenizer_on_files(splits["train"], cfg.vocab_size, tok_path)
+        train_files = [p for name, paths in splits.items() if name.startswith("train") for p in paths]
+        tokenizer = train_tokenizer_on_files(train_files, cfg.vocab_size, tok_path)
     else:
         tokenizer = Tokenizer.load(tok_path)
     if user_files:  # one cache folder per set of user files
@@ -97,8 +109,9 @@ def prepare_data(cfg: PretrainConfig, verbose: bool):
         key = hashlib.sha256("\n".join(sorted(str(Path(p).resolve()) for p in cfg.data)).encode()).hexdigest()[:12]
         cache_root = ROOT / cfg.cache_dir / key
     bin_dir = prepare_dataset(splits, tokenizer, cache_root / "tokens", user_files=user_files)
-    val_splits = ["val"] if user_files else [s for s in splits if s.startswith("val")]
-    return tokenizer, bin_dir, val_splits
+    if user_files:
+        return tokenizer, bin_dir, ["train"], ["val"]
+    return tokenizer, bin_dir, [s for s in splits if s.startswith("train")], [s for s in splits if s.startswith("val")]
 
 
 def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Tensor, block_size: int,
@@ -139,13 +152,19 @@ def main(argv=None):
 
     # 1. data: the main process builds what is missing, the others then find it cached
     if rt.is_main:
-        tokenizer, bin_dir, val_splits = prepare_data(cfg, verbose=True)
+        tokenizer, bin_dir, train_splits, val_splits = prepare_data(cfg, verbose=True)
     if rt.distributed:
         torch.distributed.barrier()
     if not rt.is_main:
-        tokenizer, bin_dir, val_splits = prepare_data(cfg, verbose=False)
+        tokenizer, bin_dir, train_splits, val_splits = prepare_data(cfg, verbose=False)
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    train_bin = TokenBin(bin_dir / "train.bin", dtype)
+    train_bins = {name: TokenBin(bin_dir / f"{name}.bin", dtype) for name in train_splits}
+    if len(train_bins) == 1:
+        train_data = next(iter(train_bins.values()))
+    else:  # the default corpus: English and Chinese mixed in every batch
+        if not 0 <= cfg.zh_share < 1:
+            raise ValueError(f"--zh_share {cfg.zh_share}: must be in [0, 1)")
+        train_data = MixedBatches(train_bins, {"train_en": 1 - cfg.zh_share, "train_zh": cfg.zh_share})
     val_bins = {name: TokenBin(bin_dir / f"{name}.bin", dtype) for name in val_splits}
 
     # 2. model: fresh, or continued from a checkpoint
@@ -160,7 +179,7 @@ def main(argv=None):
         model = GPT(model_config)
     if rt.is_main:
         print(model.summary())
-        print(f"data: {len(train_bin):,} training tokens, "
+        print("data: " + ", ".join(f"{n} {len(b):,}" for n, b in train_bins.items()) + " training tokens, "
               + ", ".join(f"{n} {len(b):,}" for n, b in val_bins.items())
               + f"; {cfg.batch_size * cfg.grad_accum * rt.world_size * model_config.block_size:,} tokens per step"
               + f" on {rt.device} ({str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es))")
@@ -169,7 +188,7 @@ def main(argv=None):
     block_size = model_config.block_size
 
     def next_batch(generator):
-        return train_bin.random_batch(cfg.batch_size, block_size, generator)
+        return train_data.random_batch(cfg.batch_size, block_size, generator)
 
     token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.long, device=rt.device)
     evaluate = bits_per_byte_evaluator(val_bins, token_bytes, block_size, cfg.batch_size * 2, rt.device)

@@ -75,8 +75,9 @@ def _write(path: Path, text: str):
 def build_default_corpus(out_dir: str | Path, verbose: bool = True) -> dict[str, list[Path]]:
     """Write the default corpus under out_dir (skipped if already there).
 
-    Returns {"train": [files], "val_en": [file], "val_zh": [file]} ("val_zh" only
-    when fortunes-zh is installed).
+    Returns {"train_en": [file], "val_en": [file], "train_zh": [file], "val_zh": [file]}
+    (the "_zh" splits only when fortunes-zh is installed). The languages stay in separate
+    splits so that training can choose how much of each batch each language gets.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,8 +111,8 @@ def build_default_corpus(out_dir: str | Path, verbose: bool = True) -> dict[str,
         print(f"corpus: Debian package fortunes-zh not found under {FORTUNES_DIR}: the default "
               f"corpus is English only (`apt-get install fortunes-zh` adds Chinese)")
 
-    splits = {"train": [en_train], "val_en": [en_val]}
+    splits = {"train_en": [en_train], "val_en": [en_val]}
     if have_zh:
-        splits["train"].append(zh_train)
+        splits["train_zh"] = [zh_train]
         splits["val_zh"] = [zh_val]
     return splits

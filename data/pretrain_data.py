@@ -237,3 +237,36 @@ class TokenBin:
             x = np.stack([self.data[r * block_size:(r + 1) * block_size] for r in rows]).astype(np.int64)
             y = np.stack([self.data[r * block_size + 1:(r + 1) * block_size + 1] for r in rows]).astype(np.int64)
             yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+def rows_per_source(batch_size: int, shares: dict[str, float]) -> dict[str, int]:
+    """Split batch_size rows among sources in proportion to shares (largest remainder).
+
+    rows_per_source(16, {"en": 0.75, "zh": 0.25}) == {"en": 12, "zh": 4}
+    """
+    total = sum(shares.values())
+    exact = {name: batch_size * share / total for name, share in shares.items()}
+    rows = {name: int(x) for name, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: exact[name] - rows[name], reverse=True)
+    for name in by_remainder[:batch_size - sum(rows.values())]:
+        rows[name] += 1
+    return rows
+
+
+class MixedBatches:
+    """Random training windows drawn from several TokenBins in fixed proportions.
+
+    With the default corpus, Chinese is about a third of the training tokens; a
+    mixture lets a run give English (or any language) a larger share of each batch.
+    """
+
+    def __init__(self, bins: dict[str, TokenBin], shares: dict[str, float]):
+        if set(bins) != set(shares) or any(s < 0 for s in shares.values()) or sum(shares.values()) <= 0:
+            raise ValueError(f"mixture shares {shares} must be >= 0, not all 0, one per source {list(bins)}")
+        self.bins, self.shares = bins, shares
+
+    def random_batch(self, batch_size: int, block_size: int, generator: torch.Generator):
+        """x, y (B, T): rows from each source as rows_per_source gives, in source order."""
+        parts = [self.bins[name].random_batch(n, block_size, generator)
+                 for name, n in rows_per_source(batch_size, self.shares).items() if n > 0]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from data.corpus import fortune_entries, split_english
-from data.pretrain_data import DataError, TokenBin, prepare_dataset, read_documents
+from data.pretrain_data import (DataError, MixedBatches, TokenBin, prepare_dataset, read_documents,
+                                rows_per_source)
 from tokenizer import Tokenizer
 
 TEXT = "To be, or not to be, that is the question.\n床前明月光，疑是地上霜。\n" * 40
@@ -106,3 +107,26 @@ def test_english_split_is_deterministic_and_loses_nothing():
     assert split_english(text) == (train, val)
     assert sorted((train + val).splitlines()) == sorted(text.splitlines())
     assert 0.04 < len(val) / len(text) < 0.06
+
+
+def test_rows_are_shared_in_proportion_and_always_add_up():
+    assert rows_per_source(16, {"en": 0.75, "zh": 0.25}) == {"en": 12, "zh": 4}
+    assert rows_per_source(5, {"a": 1, "b": 1, "c": 1}) in ({"a": 2, "b": 2, "c": 1}, {"a": 2, "b": 1, "c": 2},
+                                                           {"a": 1, "b": 2, "c": 2})
+    for b in range(1, 40):
+        assert sum(rows_per_source(b, {"en": 0.7, "zh": 0.3}).values()) == b
+
+
+def test_mixed_batches_take_rows_from_each_source(tmp_path):
+    low, high = tmp_path / "low.bin", tmp_path / "high.bin"
+    np.arange(0, 500, dtype=np.uint16).tofile(low)
+    np.arange(1000, 1500, dtype=np.uint16).tofile(high)
+    mix = MixedBatches({"low": TokenBin(low, np.uint16), "high": TokenBin(high, np.uint16)},
+                       {"low": 0.75, "high": 0.25})
+    x, y = mix.random_batch(8, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 16)
+    from_high = (x[:, 0] >= 1000).sum().item()
+    assert from_high == 2
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    with pytest.raises(ValueError, match="one per source"):
+        MixedBatches({"low": TokenBin(low, np.uint16)}, {"high": 1.0})

@@ -28,7 +28,8 @@ def tiny_args(corpus, out_dir, *extra):
     return ["--data", str(corpus / "text.txt"), "--tokenizer", str(corpus / "tok.json"), "--vocab_size", "300",
             "--cache_dir", str(corpus / "cache"), "--out_dir", str(out_dir), "--n_layer", "2", "--n_embd", "32",
             "--n_head", "2", "--block_size", "32", "--batch_size", "4", "--max_steps", "12",
-            "--eval_interval", "4", "--eval_tokens", "256", "--warmup_steps", "2", "--sample_tokens", "0", *extra]
+            "--eval_interval", "4", "--eval_tokens", "256", "--warmup_steps", "2", "--sample_tokens", "0",
+            "--time_budget", "0", *extra]   # no clock in the schedule: runs repeat exactly
 
 
 def test_pretrain_writes_every_output(corpus, tmp_path):
@@ -84,7 +85,8 @@ def test_two_process_gloo_ddp_trains(corpus, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "pretrain.py"), *tiny_args(corpus, out, "--max_steps", "6", "--device", "cpu")]
+           str(ROOT / "pretrain.py"), *tiny_args(corpus, out, "--max_steps", "6", "--device", "cpu",
+                                                     "--time_budget", "600")]   # the processes share one clock
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -124,3 +126,42 @@ def test_missing_corpus_file_is_one_clear_line(tmp_path):
 def test_unknown_flag_is_refused_by_argparse(tmp_path):
     result = run_cli("pretrain.py", "--n_layers", "3")
     assert result.returncode == 2 and "unrecognized arguments: --n_layers" in result.stderr
+
+
+def test_time_budget_stops_early_and_finishes_the_schedule(corpus, tmp_path):
+    pretrain.main(tiny_args(corpus, tmp_path / "run", "--max_steps", "1000", "--time_budget", "1e-9"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 1                       # the first step already used up the budget
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=0, max_steps=1000, time_budget=100.0)
+    assert lr_at(10, cfg, seconds=50.0) == pytest.approx(0.55)   # half the time = half the cosine
+    assert lr_at(10, cfg, seconds=100.0) == pytest.approx(0.1)
+
+
+def test_muon_trains_and_resumes(corpus, tmp_path):
+    pretrain.main(tiny_args(corpus, tmp_path / "run", "--optimizer", "muon", "--lr", "1e-2"))
+    rows = [line.split(",") for line in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    val = [float(r[5]) for r in rows if r[5]]
+    assert val[-1] < val[0]
+    state = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
+    assert len(state["optimizer"]["optimizers"]) == 2      # AdamW + Muon, both saved for --resume
+    pretrain.main(tiny_args(corpus, tmp_path / "run", "--optimizer", "muon", "--lr", "1e-2",
+                            "--max_steps", "16", "--resume"))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 16
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 48), (48, 16)])
+def test_orthogonalize_pushes_singular_values_towards_one(shape):
+    from training import orthogonalize
+    # G = U diag(sigma) V^T with singular values spread over a factor of 100
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
+    V, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g))
+    k = min(shape)
+    G = 5 * U[:, :k] @ torch.diag(torch.logspace(-2, 0, k)) @ V[:, :k].T
+    O = orthogonalize(G)
+    assert O.shape == G.shape
+    s = torch.linalg.svdvals(O.float())
+    assert s.min() > 0.5 and s.max() < 1.3           # Newton-Schulz lands near 1, not exactly on it
+    # and the singular vectors are kept: O is close to U V^T
+    R = U[:, :k] @ V[:, :k].T
+    assert (O.float() - R).norm() / R.norm() < 0.3
