@@ -3,8 +3,9 @@ training.py -- what every stage needs the same way, written once.
 
     parse_config      argparse flags generated from a config dataclass (+ presets)
     setup_runtime     device, dtype/autocast, seeds, torchrun DDP (gloo on CPU, nccl on CUDA)
-    make_optimizer    AdamW, weight decay on matrices only, fused on CUDA
-    lr_at             linear warmup, then cosine decay to min_lr
+    make_optimizer    AdamW (weight decay on matrices only, fused on CUDA), optionally
+                      Muon for the blocks' matrices (orthogonalized momentum updates)
+    lr_at             linear warmup, then cosine decay to min_lr, over steps or a time budget
     save_checkpoint / load_checkpoint   atomic files, torch.load(weights_only=True)
     run_training      the loop: accumulation, clipping, tqdm, eval, best checkpoint,
                       resumable state, CSV log, loss.png, metrics.json
