@@ -12,7 +12,6 @@ then one token per step, each step reusing the cached keys and values.
 from __future__ import annotations
 
 import codecs
-import sys
 import time
 from dataclasses import dataclass
 
@@ -57,13 +56,18 @@ class Generator:
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(cfg.seed if cfg.seed >= 0 else int(time.time_ns() % 2**31))
 
-    def stream(self, prompt: str):
-        """Yield pieces of text as tokens arrive; a UTF-8 character split over two tokens
-        (common in Chinese) is held back until complete, so nothing garbled is printed."""
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the prompt; refused in one line if it leaves no room to generate."""
         ids = self.tokenizer.encode_ordinary(prompt) or [self.tokenizer.eot_id]
         context = self.model.config.block_size
         if len(ids) >= context:
             raise ValueError(f"prompt is {len(ids)} tokens, the model's context is {context}: shorten it")
+        return ids
+
+    def stream(self, prompt: str):
+        """Yield pieces of text as tokens arrive; a UTF-8 character split over two tokens
+        (common in Chinese) is held back until complete, so nothing garbled is printed."""
+        ids = self.prompt_ids(prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         x = torch.tensor([ids], device=self.device)
         self.last_count, start = 0, time.perf_counter()
@@ -83,7 +87,10 @@ class Generator:
             yield tail
         self.last_seconds = time.perf_counter() - start
 
-    def print_answer(self, prompt: str):
+    def print_answer(self, prompt: str, echo_prompt: bool = True):
+        self.prompt_ids(prompt)                    # a too-long prompt fails before anything is printed
+        if echo_prompt:
+            print(prompt, end="", flush=True)
         for piece in self.stream(prompt):
             print(piece, end="", flush=True)
         print()
@@ -108,7 +115,6 @@ def repl(gen: Generator):
         if not line.strip():
             continue
         try:
-            print(line, end="", flush=True)
             gen.print_answer(line)
         except KeyboardInterrupt:
             print("\n[stopped]")
@@ -126,7 +132,6 @@ def main():
         raise ValueError(f"--max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     gen = Generator(cfg)
     if cfg.prompt:
-        sys.stdout.write(cfg.prompt)
         gen.print_answer(cfg.prompt)
     else:
         repl(gen)

@@ -69,6 +69,9 @@ class ModelConfig:
 
     def validate(self):
         """Raise ValueError (one line, with the fix) for configs no network can have."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"pick n_embd a multiple of n_head")
@@ -81,9 +84,6 @@ class ModelConfig:
                               ("mlp", ("gelu", "swiglu"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from data.corpus import build_default_corpus
-from data.pretrain_data import MixedBatches, TokenBin, prepare_dataset
+from data.pretrain_data import MixedBatches, TokenBin, check_data_file, prepare_dataset
 from model import GPT, ModelConfig
 from tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, train_tokenizer_on_files
-from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, load_checkpoint, main_guard,
-                      parse_config, run_training, setup_runtime, write_metrics)
+from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, check_train_config, load_checkpoint,
+                      main_guard, parse_config, run_training, setup_runtime, write_metrics)
 
 DEFAULT_CORPUS_DIR = ROOT / "data" / "default"
 
@@ -85,6 +85,13 @@ PRESETS = {
 }
 
 
+def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    """The model the flags describe (ModelConfig checks it: one clear line if impossible)."""
+    return ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or None, n_embd=cfg.n_embd,
+                       flavour=cfg.flavour, dropout=cfg.dropout)
+
+
 def prepare_data(cfg: PretrainConfig, verbose: bool):
     """Corpus -> tokenizer -> token .bin files.
 
@@ -92,6 +99,8 @@ def prepare_data(cfg: PretrainConfig, verbose: bool):
     """
     if cfg.data:
         splits, cache_root, user_files = {"train": [Path(p) for p in cfg.data]}, None, True
+        for path in splits["train"]:
+            check_data_file(path)          # before a tokenizer is trained on them
     else:
         splits, cache_root, user_files = build_default_corpus(DEFAULT_CORPUS_DIR, verbose), DEFAULT_CORPUS_DIR, False
     tok_path = Path(cfg.tokenizer)
@@ -148,6 +157,9 @@ def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Te
 def main(argv=None):
     started = time.time()
     cfg = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS)
+    check_train_config(cfg)        # bad flags fail now, not after minutes of data preparation
+    if not cfg.init_from:
+        model_config(cfg, cfg.vocab_size)
     rt = setup_runtime(cfg)
 
     # 1. data: the main process builds what is missing, the others then find it cached
@@ -171,21 +183,17 @@ def main(argv=None):
     if cfg.init_from:
         model, ckpt_config = load_checkpoint(cfg.init_from)
         check_tokenizer_matches(ckpt_config, tokenizer, cfg.init_from)
-        model_config = model.config
     else:
-        model_config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size,
-                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or None,
-                                   n_embd=cfg.n_embd, flavour=cfg.flavour, dropout=cfg.dropout)
-        model = GPT(model_config)
+        model = GPT(model_config(cfg, tokenizer.vocab_size))
     if rt.is_main:
         print(model.summary())
         print("data: " + ", ".join(f"{n} {len(b):,}" for n, b in train_bins.items()) + " training tokens, "
               + ", ".join(f"{n} {len(b):,}" for n, b in val_bins.items())
-              + f"; {cfg.batch_size * cfg.grad_accum * rt.world_size * model_config.block_size:,} tokens per step"
+              + f"; {cfg.batch_size * cfg.grad_accum * rt.world_size * model.config.block_size:,} tokens per step"
               + f" on {rt.device} ({str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es))")
 
     # 3. train
-    block_size = model_config.block_size
+    block_size = model.config.block_size
 
     def next_batch(generator):
         return train_data.random_batch(cfg.batch_size, block_size, generator)
@@ -209,7 +217,8 @@ def main(argv=None):
                    "steps": result["step"], "device": str(rt.device), "world_size": rt.world_size}
         write_metrics(Path(cfg.out_dir), metrics)
         langs = ", ".join(f"{k[-2:]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_bpb_") and v)
-        print(f"pretrain: val bpb {metrics['val_bpb']:.3f} ({langs}), val loss {metrics['val_loss']:.3f}, "
+        print(f"pretrain: val bpb {metrics['val_bpb']:.3f}" + (f" ({langs})" if langs else "")
+              + f", val loss {metrics['val_loss']:.3f}, "
               f"{metrics['params'] / 1e6:.2f}M params, {metrics['tokens']:,} tokens in {metrics['seconds']:.0f}s "
               f"({metrics['tokens_per_second']:,.0f} tok/s) -> {cfg.out_dir}/")
         if cfg.sample_tokens:

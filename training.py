@@ -59,8 +59,8 @@ class TrainConfig:
     out_dir: str = arg("weight/stage", "folder for weights, config.json, metrics.json, log.csv, loss.png")
     init_from: str = arg("", "checkpoint folder to start from ('' = random init)")
     device: str = arg("auto", "auto | cpu | cuda | mps", choices=["auto", "cpu", "cuda", "mps"])
-    dtype: str = arg("auto", "auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32) | float32 | bfloat16 | float16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
+    dtype: str = arg("auto", "auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32) | float32 | bfloat16",
+                     choices=["auto", "float32", "bfloat16"])
     compile: bool = arg(False, "torch.compile the model (worth it on a GPU)")
     seed: int = arg(1337, "random seed (data order, init, dropout)")
     max_steps: int = arg(1000, "optimizer steps (at most, with --time_budget)")
@@ -72,7 +72,7 @@ class TrainConfig:
     lr: float = arg(1e-3, "peak learning rate")
     min_lr: float = arg(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = arg(50, "linear warmup steps")
-    weight_decay: float = arg(0.1, "AdamW weight decay (matrices only)")
+    weight_decay: float = arg(0.1, "AdamW weight decay (matrices only; with Muon the blocks' matrices get none)")
     optimizer: str = arg("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)",
                          choices=["adamw", "muon"])
     muon_lr_ratio: float = arg(10.0, "with --optimizer muon: Muon's learning rate = lr * this")
@@ -83,6 +83,7 @@ class TrainConfig:
     eval_tokens: int = arg(32768, "tokens per validation split in periodic evals (the final eval uses all)")
     log_interval: int = arg(10, "write a training-loss row to log.csv every N steps")
     resume: bool = arg(False, "continue from out_dir/resume.pt (model, optimizer, step, RNG)")
+    overwrite: bool = arg(False, "start afresh even if out_dir already holds a trained model")
 
 
 # ----------------------------------------------------------------------------------
@@ -100,7 +101,6 @@ def parse_config(cls, description: str, argv=None, presets: Optional[dict[str, d
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="a named set of defaults; flags given explicitly override it")
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
@@ -190,7 +190,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def setup_runtime(cfg) -> Runtime:
@@ -267,7 +267,8 @@ def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately U V^T for G = U S V^T, by a quintic Newton-Schulz iteration.
 
     X <- a X + (b A + c A^2) X with A = X X^T and (a, b, c) = (3.4445, -4.7750, 2.0315):
-    pushes every singular value of X (after scaling it to norm <= 1) towards 1.
+    pushes every singular value of X (after scaling it to norm <= 1) towards 1 (into
+    about 0.7-1.2 after 5 steps: close enough, and much cheaper than an exact SVD).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
@@ -383,8 +384,13 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: no checkpoint in {ckpt_dir}/; "
                                     f"create one with `{make_hint}`")
-    config = json.loads(config_path.read_text())
-    model = GPT(ModelConfig.from_dict(config["model"]))
+    try:
+        config = json.loads(config_path.read_text())
+        model_config = ModelConfig.from_dict(config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path}: not a checkpoint config ({type(e).__name__}: {e}); "
+                         f"recreate the checkpoint with `{make_hint}`") from None
+    model = GPT(model_config)
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device), config
@@ -392,7 +398,11 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
 
 def load_checkpoint_tokenizer(ckpt_dir: str | Path):
     from tokenizer import Tokenizer  # the plumbing uses the tokenizer only to read a checkpoint's copy
-    return Tokenizer.load(Path(ckpt_dir) / TOKENIZER_FILE)
+    path = Path(ckpt_dir) / TOKENIZER_FILE
+    if not path.exists():   # a newly trained tokenizer would not match the weights: say where the right one is
+        raise FileNotFoundError(f"{path} not found: copy the tokenizer this model was trained with there "
+                                f"(pretrain.py's --tokenizer, by default tokenizer/default.json) or pass --tokenizer")
+    return Tokenizer.load(path)
 
 
 def check_tokenizer_matches(config: dict, tokenizer, where: str):
@@ -468,6 +478,21 @@ def plot_log(csv_path: Path, png_path: Path, title: str):
 # The training loop
 
 
+def check_train_config(cfg: TrainConfig):
+    """One clear line for training flags that cannot work (called before any data is prepared)."""
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
+        raise ValueError(f"need 0 <= --min_lr <= --lr and --lr > 0, got lr={cfg.lr}, min_lr={cfg.min_lr}")
+    if cfg.time_budget < 0:
+        raise ValueError(f"--time_budget must be >= 0 seconds (0 = off), got {cfg.time_budget}")
+    if not cfg.resume and not cfg.overwrite and (Path(cfg.out_dir) / WEIGHTS_FILE).exists():
+        # a fresh run would replace the trained model with step-0 weights: never do that silently
+        raise ValueError(f"{cfg.out_dir}/ already holds a trained model: add --resume to continue it, "
+                         f"--overwrite to start over, or choose another --out_dir")
+
+
 def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable,
                  evaluate: Callable, meta: dict, tokenizer=None, stage: str = "train") -> dict:
     """Train `model` for cfg.max_steps optimizer steps (or cfg.time_budget seconds) and return the final metrics.
@@ -480,6 +505,7 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
     (model.pt), and save everything needed to resume (resume.pt).
     """
     out_dir = Path(cfg.out_dir)
+    check_train_config(cfg)
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     model.to(rt.device)
@@ -492,9 +518,16 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
         if not resume_path.exists():
             raise FileNotFoundError(f"{resume_path} not found: nothing to resume; drop --resume to start fresh")
         saved = torch.load(resume_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        batch_rng.set_state(saved["batch_rng"][rt.rank] if rt.rank < len(saved["batch_rng"]) else saved["batch_rng"][0])
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, KeyError, ValueError):
+            raise ValueError(f"{resume_path} was saved by a run with a different model or --optimizer: "
+                             f"resume with the flags of that run (see {out_dir / CONFIG_FILE})") from None
+        if rt.rank < len(saved["batch_rng"]):
+            batch_rng.set_state(saved["batch_rng"][rt.rank])
+        else:  # more processes than the saved run: new ranks get their own fresh data order
+            batch_rng.manual_seed(cfg.seed + rt.rank + 1_000_003 * saved["state"]["step"])
         set_rng_state(saved["rng"])
         state = saved["state"]
         if rt.is_main:

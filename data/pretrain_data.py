@@ -33,13 +33,14 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line and the fix."""
 
 
-def _check_exists(path: Path):
+def check_data_file(path: Path):
+    """Refuse, in one line, a path that cannot be a text file to train on."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a folder; pass .txt or .jsonl files")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{path}: file is empty; give a file with text in it")
     if path.suffix not in (".txt", ".jsonl", ".md"):
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl with {{\"text\": ...}}")
 
@@ -62,7 +63,7 @@ def read_documents(path: str | Path, part: str = "all") -> Iterator[str]:
     (the last 1% of a .txt, every 100th jsonl record); "all" keeps everything.
     """
     path = Path(path)
-    _check_exists(path)
+    check_data_file(path)
     if path.suffix == ".jsonl":
         yield from _read_jsonl(path, part)
     else:
@@ -131,23 +132,28 @@ def tokenize_to_bin(paths: list[Path], tokenizer, out_path: Path, part: str = "a
     tmp = out_path.with_suffix(".bin.tmp")
     n_tokens = n_bytes = 0
     total = sum(Path(p).stat().st_size for p in paths if Path(p).exists())
-    with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
-        for path in paths:
-            pieces = list()
-            for doc in read_documents(path, part):
-                pieces.append(doc)
-                if sum(len(p) for p in pieces) >= CHUNK_BYTES or len(pieces) >= 1024:
+    try:
+        with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+            for path in paths:
+                pieces = list()
+                for doc in read_documents(path, part):
+                    pieces.append(doc)
+                    if sum(len(p) for p in pieces) >= CHUNK_BYTES or len(pieces) >= 1024:
+                        n_tokens, n_bytes = _flush(pieces, tokenizer, out, dtype, bar, n_tokens, n_bytes, path)
+                        pieces = []
+                if pieces:
                     n_tokens, n_bytes = _flush(pieces, tokenizer, out, dtype, bar, n_tokens, n_bytes, path)
-                    pieces = []
-            if pieces:
-                n_tokens, n_bytes = _flush(pieces, tokenizer, out, dtype, bar, n_tokens, n_bytes, path)
-            # one <|endoftext|> after each .txt file (jsonl documents get one each, in _flush)
-            if Path(path).suffix != ".jsonl":
-                np.array([tokenizer.eot_id], dtype=dtype).tofile(out)
-                n_tokens += 1
-    if n_tokens == 0:
-        tmp.unlink()
-        raise DataError(f"{', '.join(map(str, paths))}: no text found for the {part} split")
+                # one <|endoftext|> after each .txt file (jsonl documents get one each, in _flush)
+                if Path(path).suffix != ".jsonl":
+                    np.array([tokenizer.eot_id], dtype=dtype).tofile(out)
+                    n_tokens += 1
+        if n_bytes == 0:
+            why = (" (held out: the last 1% of each .txt file and every 100th .jsonl record; "
+                   "give more text, e.g. at least 100 jsonl records)") if part == "val" else ""
+            raise DataError(f"{', '.join(map(str, paths))}: no text for the {part} split{why}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)            # never leave half a .bin behind
+        raise
     os.replace(tmp, out_path)
     return {"tokens": n_tokens, "bytes": n_bytes}
 
@@ -177,7 +183,7 @@ def prepare_dataset(splits: dict[str, list[Path]], tokenizer, cache_dir: Path,
     cache_dir.mkdir(parents=True, exist_ok=True)
     sources = sorted({str(Path(p).resolve()) for ps in splits.values() for p in ps})
     for p in sources:
-        _check_exists(Path(p))
+        check_data_file(Path(p))
     stamp = [tokenizer.fingerprint, META_VERSION, user_files] + [
         (p, os.path.getsize(p), int(os.path.getmtime(p))) for p in sources]
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]

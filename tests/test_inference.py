@@ -1,5 +1,4 @@
 """inference.py: one-shot continuation, REPL, and its clear errors."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +59,7 @@ def test_missing_checkpoint_names_the_command_that_makes_one(tmp_path):
 def test_prompt_longer_than_the_context_is_refused(ckpt):
     result = infer("--ckpt", str(ckpt), "--prompt", "hello world " * 100)
     assert result.returncode == 2 and "context is 48" in result.stderr
+    assert "hello world" not in result.stdout          # refused before anything is printed
 
 
 def test_a_tokenizer_that_does_not_match_the_checkpoint_is_refused(ckpt, tmp_path):

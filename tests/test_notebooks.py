@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom: its code cells are executed in order, as Jupyter would."""
 import json
-import os
 from pathlib import Path
 
 import matplotlib

@@ -165,3 +165,41 @@ def test_orthogonalize_pushes_singular_values_towards_one(shape):
     # and the singular vectors are kept: O is close to U V^T
     R = U[:, :k] @ V[:, :k].T
     assert (O.float() - R).norm() / R.norm() < 0.3
+
+
+def test_a_second_fresh_run_never_replaces_a_trained_model(corpus, tmp_path):
+    pretrain.main(tiny_args(corpus, tmp_path / "run"))
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    result = run_cli("pretrain.py", *tiny_args(corpus, tmp_path / "run"))
+    assert result.returncode == 2 and "--overwrite" in result.stderr and "--resume" in result.stderr
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+    pretrain.main(tiny_args(corpus, tmp_path / "run", "--overwrite"))     # asked for: allowed
+
+
+def test_resume_with_other_model_flags_is_one_clear_line(corpus, tmp_path):
+    pretrain.main(tiny_args(corpus, tmp_path / "run"))
+    result = run_cli("pretrain.py", *tiny_args(corpus, tmp_path / "run", "--n_embd", "64", "--resume"))
+    assert result.returncode == 2 and "different model" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--eval_interval", "--max_steps", "--n_head"])
+def test_zero_values_are_refused_before_any_work(corpus, tmp_path, flag):
+    result = run_cli("pretrain.py", *tiny_args(corpus, tmp_path / "x", flag, "0"))
+    assert result.returncode == 2 and "at least 1" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_too_little_text_for_validation_is_one_clear_line(tmp_path):
+    (tmp_path / "one.txt").write_text("just one line of text\n", encoding="utf-8")
+    result = run_cli("pretrain.py", *tiny_args(tmp_path, tmp_path / "x"), "--data", str(tmp_path / "one.txt"))
+    assert result.returncode == 2 and "one.txt" in result.stderr and "split" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache").rglob("*.tmp"))           # no half-written files left
+
+
+def test_an_empty_file_does_not_leave_a_tokenizer_behind(tmp_path):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    result = run_cli("pretrain.py", "--data", str(tmp_path / "empty.txt"), "--tokenizer", str(tmp_path / "t.json"),
+                     "--out_dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "empty.txt: file is empty" in result.stderr
+    assert not (tmp_path / "t.json").exists()

@@ -38,7 +38,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise InputError(f"{path}:{lineno}: not UTF-8 text (bad byte at column {e.start + 1}); "
-                                 f"convert the file to UTF-8") from None
+                                 f"convert the file, e.g. `iconv -f GBK -t UTF-8 in.txt > out.txt`") from None
             yield lineno, (line.lstrip("\ufeff") if lineno == 1 else line)  # drop a byte-order mark
 
 
