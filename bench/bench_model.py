@@ -16,6 +16,9 @@ Benchmark the model: training throughput against Hugging Face GPT-2, and the KV 
 2. Generation: tokens/s of the project's `GPT.generate` with the KV cache against
    recomputing the whole context every step, greedy, batch 1; both must produce
    the same tokens.
+3. Precision: training tokens/s of the project's default (llama-flavour) model in
+   float32 against bf16 autocast, alternately, the same batch: what `--dtype auto`
+   gains on this machine (on a CPU, bf16 is only fast with AVX512-BF16 or AMX).
 
 All figures come from one run on one machine, so their ratios are fair. They are
 printed as a markdown table and saved to bench/results/model.json.
@@ -298,7 +301,38 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def markdown_table(train: dict | None, generation: list[dict], args: BenchArgs) -> str:
+# ----------------------------------------------------------------------------------
+# 3. Precision: float32 vs bf16 autocast, training the llama flavour
+
+
+def bench_precision(args: BenchArgs) -> dict:
+    from training import cpu_has_native_bf16
+    torch.manual_seed(args.seed)
+    config = ModelConfig(flavour="llama", vocab_size=args.vocab_size, block_size=args.block_size,
+                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=args.device)
+    x, y = data[:, :-1], data[:, 1:]                                          # (B, T) each
+    steps = {}
+    for dtype in ("float32", "bfloat16"):
+        run_args = BenchArgs(**{**asdict(args), "dtype": dtype})
+        steps[dtype] = make_train_step(GPT(config).to(args.device), project_loss, x, y, run_args)
+        for _ in range(args.warmup):
+            steps[dtype]()
+    tokens = args.batch_size * args.block_size * args.steps
+    rates = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():                                      # A, B, A, B, ...
+            rates[name].append(tokens / timed(lambda: [step() for _ in range(args.steps)], args.device))
+    fp32, bf16 = statistics.median(rates["float32"]), statistics.median(rates["bfloat16"])
+    native = args.device != "cpu" or cpu_has_native_bf16()
+    print(f"precision: llama flavour, float32 {fp32:,.0f} tok/s, bf16 autocast {bf16:,.0f} tok/s "
+          f"({bf16 / fp32:.2f}x; {'native' if native else 'emulated'} bf16)")
+    return dict(fp32_tok_s=round(fp32, 1), bf16_tok_s=round(bf16, 1), ratio=round(bf16 / fp32, 3),
+                native_bf16=native)
+
+
+def markdown_table(train: dict | None, generation: list[dict], args: BenchArgs,
+                   precision: dict | None = None) -> str:
     rows = ["| benchmark | A | B | A tok/s | B tok/s | A / B |",
             "|---|---|---|---:|---:|---:|"]
     if train is not None:
@@ -310,6 +344,10 @@ def markdown_table(train: dict | None, generation: list[dict], args: BenchArgs) 
         rows.append(f"| generation, {g['new_tokens']} new tokens, greedy, batch 1 "
                     f"| KV cache | recompute | {g['cache_tok_s']:,.1f} | {g['recompute_tok_s']:,.1f} "
                     f"| {g['speedup']:.2f}x |")
+    if precision is not None:
+        rows.append(f"| training, llama flavour, {args.batch_size}x{args.block_size} tokens/step "
+                    f"| bf16 autocast | float32 | {precision['bf16_tok_s']:,.0f} | {precision['fp32_tok_s']:,.0f} "
+                    f"| {precision['ratio']:.2f}x |")
     return "\n".join(rows)
 
 
@@ -324,16 +362,17 @@ def main():
 
     train = bench_training(args)
     generation = bench_generation(args)
+    precision = bench_precision(args)
 
     print()
-    print(markdown_table(train, generation, args))
+    print(markdown_table(train, generation, args, precision))
     print(f"\nmachine: torch {machine['torch']}, {machine['threads']} threads of {machine['cpu_cores']} "
           f"cores, {machine['device']}, {machine['dtype']}; size: vocab {args.vocab_size}, "
           f"{args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(dict(machine=machine, args=asdict(args), training=train,
-                                       generation=generation), indent=1) + "\n")
+                                       generation=generation, precision=precision), indent=1) + "\n")
     print(f"saved {RESULTS.relative_to(ROOT)}")
 
 
