@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data.corpus import build_default_corpus
-from data.pretrain_data import MixedBatches, TokenBin, check_data_file, prepare_dataset
+from data.pretrain_data import MixedBatches, TokenBin, check_data_file, prepare_dataset, read_documents
 from model import GPT, ModelConfig
 from tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, train_tokenizer_on_files
 from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, check_train_config, load_checkpoint,
@@ -110,7 +110,12 @@ def prepare_data(cfg: PretrainConfig, verbose: bool):
         if verbose:
             print(f"tokenizer: {tok_path} missing, training a {cfg.vocab_size}-token BPE on the training text")
         train_files = [p for name, paths in splits.items() if name.startswith("train") for p in paths]
-        tokenizer = train_tokenizer_on_files(train_files, cfg.vocab_size, tok_path)
+        if user_files:   # only the training part of each file: validation text stays unseen
+            texts = (doc for path in train_files for doc in read_documents(path, "train"))
+            tokenizer = Tokenizer.from_texts(texts, cfg.vocab_size)
+            tokenizer.save(tok_path)
+        else:
+            tokenizer = train_tokenizer_on_files(train_files, cfg.vocab_size, tok_path)
     else:
         tokenizer = Tokenizer.load(tok_path)
     if user_files:  # one cache folder per set of user files
