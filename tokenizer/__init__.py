@@ -7,6 +7,7 @@ Tokenizer: a byte-level BPE learned by our own trainer (bpe.py), run by tiktoken
     text = tok.decode(ids)
 
 Train one: `python -m tokenizer.train --input a.txt b.jsonl --vocab_size 8192 --out tokenizer/my.json`.
+Chat: `tokenizer.chat.render_chat(messages, tok)` -> ids and the loss mask (ChatML).
 """
 
 from .bpe import SPLIT_PATTERN, encode_reference, train_bpe
