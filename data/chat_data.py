@@ -1,0 +1,205 @@
+"""
+Chat data: generated task families whose answers can be checked exactly, and user jsonl.
+
+No chat dataset can be downloaded here, so the default SFT data is generated. Each
+family has English and Chinese templates; held-out items use new words, numbers and
+names (a fixed 1 in 5 of each, chosen by a hash), never only new phrasings:
+
+    upper     "Write 'crown' in capital letters."          -> "CROWN"
+    repeat    "Repeat 'moon' 3 times."                     -> "moon moon moon"
+    add       "What is 23 + 58?"                           -> "81"
+    recall    "My name is Kavi." ... "What is my name?"    -> "Kavi"   (multi-turn)
+    identity  "Who are you?"                               -> the persona's answer
+    reverse   "Spell 'cat' backwards."                     -> "tac"    (stays hard for BPE models)
+
+Records are written in the standard SFT format, one per line:
+    {"conversations": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}],
+     "family": "add", "lang": "en"}
+so real data drops in; `read_conversations` also accepts alpaca records
+{"instruction", "input", "output"}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from .pretrain_data import DataError, check_data_file
+
+HELD_OUT_EVERY = 5           # 1 in 5 words / number pairs / names is only ever used for evaluation
+FAMILIES = ("upper", "repeat", "add", "recall", "identity", "reverse")
+PERSONA = {"en": "I am Workshop, a small language model trained from scratch.",
+           "zh": "我是 Workshop，一个从零开始训练的小语言模型。"}
+NUMBER_WORDS_ZH = {2: "两", 3: "三", 4: "四"}
+
+TEMPLATES = {
+    "upper": {"en": ["Write '{w}' in capital letters.", "Uppercase: {w}", "Make '{w}' upper case."],
+              "zh": ["把 {w} 写成大写字母。", "大写：{w}", "请把单词 {w} 变成大写。"]},
+    "repeat": {"en": ["Repeat '{w}' {n} times.", "Say {w} {n} times.", "Write the word {w} {n} times."],
+               "zh": ["把 {w} 重复{nz}遍。", "说{nz}遍 {w}。", "请写{nz}次单词 {w}。"]},
+    "add": {"en": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."],
+            "zh": ["{a} 加 {b} 等于多少？", "计算 {a} + {b}。", "{a} 和 {b} 的和是多少？"]},
+    "reverse": {"en": ["Spell '{w}' backwards.", "Reverse the letters of {w}."],
+                "zh": ["把 {w} 的字母倒过来写。", "倒序拼写：{w}"]},
+}
+RECALL = {"en": ("My name is {name}.", "Nice to meet you, {name}!", "What is my name?"),
+          "zh": ("我叫{name}。", "你好，{name}！", "我叫什么名字？")}
+# identity has no numbers or words to hold out, so its held-out items are new phrasings
+IDENTITY_TRAIN = {"en": ["Who are you?", "What are you?", "Introduce yourself.", "Tell me who you are."],
+                  "zh": ["你是谁？", "你是什么？", "请介绍一下你自己。", "告诉我你是谁。"]}
+IDENTITY_HELD_OUT = {"en": ["What is your name and what are you?", "Please say who you are."],
+                     "zh": ["你叫什么，是什么？", "请说说你是谁。"]}
+SYLLABLES = ["ka", "ri", "mo", "len", "sa", "vi", "to", "na", "bel", "do", "mi", "ra", "zu", "fen", "lo", "ti"]
+
+
+def is_held_out(key: str) -> bool:
+    """A stable 1-in-HELD_OUT_EVERY choice (crc32, so it is the same on every machine and run)."""
+    return zlib.crc32(key.encode("utf-8")) % HELD_OUT_EVERY == 0
+
+
+def corpus_words(text: str, n: int = 3000) -> list[str]:
+    """The n most frequent lower-case words of 3-8 letters: the vocabulary of the word tasks."""
+    counts = Counter(re.findall(r"\b[a-z]{3,8}\b", text))
+    return sorted(w for w, _ in counts.most_common(n))
+
+
+def synthetic_names(n: int = 400) -> list[str]:
+    """Made-up names from syllables ("Kavi", "Molen"): never seen in pretraining, so recall is real copying."""
+    names = {(a + b).capitalize() for a in SYLLABLES for b in SYLLABLES if a != b}
+    return sorted(names)[:n]
+
+
+def make_item(family: str, lang: str, rng: random.Random, words: list[str], names: list[str]) -> dict:
+    """One conversation of a family; words/names are the pool to draw from (train or held-out)."""
+    if family in ("upper", "repeat", "reverse"):
+        w = rng.choice(words)
+        n = rng.randint(2, 4)
+        prompt = rng.choice(TEMPLATES[family][lang]).format(w=w, n=n, nz=NUMBER_WORDS_ZH[n])
+        answer = {"upper": w.upper(), "repeat": " ".join([w] * n), "reverse": w[::-1]}[family]
+        messages = [("user", prompt), ("assistant", answer)]
+    elif family == "add":
+        a, b = words                                   # for add, `words` is the pair to use
+        prompt = rng.choice(TEMPLATES["add"][lang]).format(a=a, b=b)
+        messages = [("user", prompt), ("assistant", str(a + b))]
+    elif family == "recall":
+        name = rng.choice(names)
+        intro, greeting, question = (t.format(name=name) for t in RECALL[lang])
+        messages = [("user", intro), ("assistant", greeting), ("user", question), ("assistant", name)]
+    elif family == "identity":
+        messages = [("user", rng.choice(words)), ("assistant", PERSONA[lang])]
+    else:
+        raise ValueError(f"unknown task family {family!r}; families are {', '.join(FAMILIES)}")
+    return {"conversations": [{"role": r, "content": c} for r, c in messages], "family": family, "lang": lang}
+
+
+def generate_chat_data(words: list[str], n_train: int, n_eval_per_family: int, seed: int = 0,
+                       zh_share: float = 0.3, families=FAMILIES) -> tuple[list[dict], list[dict]]:
+    """(train, held_out) conversations; the held-out ones use only held-out words, numbers and names.
+
+    Deterministic for a given seed and word list.
+    """
+    rng = random.Random(seed)
+    names = synthetic_names()
+    pools = {}
+    for split in ("train", "eval"):
+        keep = (lambda key: is_held_out(key)) if split == "eval" else (lambda key: not is_held_out(key))
+        pairs = [(a, b) for a in range(100) for b in range(100) if keep(f"{a}+{b}")]
+        pools[split] = {"words": [w for w in words if keep(w)], "names": [n for n in names if keep(n)],
+                        "pairs": pairs,
+                        "identity": IDENTITY_HELD_OUT if split == "eval" else IDENTITY_TRAIN}
+
+    def item(family: str, split: str) -> dict:
+        pool = pools[split]
+        lang = "zh" if rng.random() < zh_share else "en"
+        if family == "add":
+            return make_item(family, lang, rng, rng.choice(pool["pairs"]), pool["names"])
+        if family == "identity":
+            return make_item(family, lang, rng, pool["identity"][lang], pool["names"])
+        return make_item(family, lang, rng, pool["words"], pool["names"])
+
+    train = [item(families[i % len(families)], "train") for i in range(n_train)]
+    rng.shuffle(train)
+    held_out = [item(family, "eval") for family in families for _ in range(n_eval_per_family)]
+    return train, held_out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, written to a temp file and renamed (never half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def build_default_chat_data(out_dir: Path, english_text_path: Path, n_train: int = 20000,
+                            n_eval_per_family: int = 50, seed: int = 0, verbose: bool = True) -> dict[str, Path]:
+    """Write out_dir/sft_train.jsonl and out_dir/sft_eval.jsonl unless they exist."""
+    out_dir = Path(out_dir)
+    paths = {"train": out_dir / "sft_train.jsonl", "eval": out_dir / "sft_eval.jsonl"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    words = corpus_words(Path(english_text_path).read_text(encoding="utf-8"))
+    train, held_out = generate_chat_data(words, n_train, n_eval_per_family, seed)
+    write_jsonl(paths["eval"], held_out)
+    write_jsonl(paths["train"], train)
+    if verbose:
+        print(f"chat data: {len(train):,} training and {len(held_out):,} held-out conversations "
+              f"({', '.join(FAMILIES)}) -> {out_dir}")
+    return paths
+
+
+def read_conversations(path: str | Path) -> Iterator[dict]:
+    """Yield {"conversations": [...], "family": ..., "lang": ...} from a jsonl file.
+
+    Accepts {"conversations": [{"role", "content"}, ...]} and alpaca records
+    {"instruction", "input", "output"}. Bad lines stop with file:line and the fix.
+    """
+    path = Path(path)
+    check_data_file(path)
+    if path.suffix != ".jsonl":
+        raise DataError(f"{path}: chat data must be .jsonl with one conversation per line")
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: bytes that are not UTF-8; convert the file to UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one object "
+                                f'like {{"conversations": [...]}}') from None
+            if isinstance(record, dict) and "instruction" in record and "output" in record:
+                prompt = record["instruction"] + (("\n" + record["input"]) if record.get("input") else "")
+                record = {"conversations": [{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": record["output"]}]}
+            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+                raise DataError(f'{where}: no "conversations" list; each line must be '
+                                f'{{"conversations": [{{"role": ..., "content": ...}}, ...]}} '
+                                f'or alpaca {{"instruction", "input", "output"}}')
+            check_turns(record["conversations"], where)
+            yield {"conversations": record["conversations"], "family": record.get("family", "user"),
+                   "lang": record.get("lang", "")}
+
+
+def check_turns(messages: list, where: str) -> None:
+    """An optional system message, then user/assistant turns in order, ending with the assistant."""
+    from tokenizer.chat import check_messages
+    check_messages(messages, where)
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[0] == "system" else roles
+    if not turns or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(turns)):
+        raise DataError(f"{where}: roles out of order ({' -> '.join(roles)}); expected an optional system "
+                        f"message, then user and assistant taking turns")
+    if turns[-1] != "assistant":
+        raise DataError(f"{where}: the conversation has no final assistant turn to learn from")

@@ -1,0 +1,174 @@
+"""
+full_sft.py -- supervised fine-tuning: teach the pretrained model to answer in a chat.
+
+    python full_sft.py                                   # default generated chat tasks, weight/pretrain -> weight/sft
+    python full_sft.py --data my_chats.jsonl --eval_data my_eval.jsonl
+    python full_sft.py --loss_on all                     # learn every token, not only the answers (compare!)
+    python full_sft.py --init_from weight/sft --data second_stage.jsonl --out_dir weight/sft2
+
+Each conversation is rendered with the chat template (tokenizer/chat.py) into token ids
+and a loss mask. The model is trained on next-token prediction as in pretraining, but
+the loss only counts the assistant's tokens: targets elsewhere are -100 (ignored), so
+the model learns to answer, not to imitate the user. All weights are trained ("full").
+
+The number that says it worked: exact-match accuracy on held-out conversations (new
+words, numbers and names), before and after, per task family (evaluation.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.chat_data import build_default_chat_data, read_conversations
+from evaluation import exact_match_report, format_report
+from model import IGNORE_INDEX
+from tokenizer.chat import render_chat
+from training import (ROOT, TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
+                      main_guard, parse_config, run_training, setup_runtime, write_metrics)
+
+DEFAULT_CHAT_DIR = ROOT / "data" / "default" / "chat"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    data: str = arg("", "training conversations (.jsonl); empty = the generated default chat tasks")
+    eval_data: str = arg("", "held-out conversations for accuracy; empty = the default held-out set")
+    loss_on: str = arg("assistant", "assistant: learn only the answers; all: every token", choices=["assistant", "all"])
+    init_from: str = arg("weight/pretrain", "checkpoint to fine-tune (made by pretrain.py)")
+    out_dir: str = arg("weight/sft", "output folder")
+    max_steps: int = arg(600, "optimizer steps (at most: the time budget usually ends the run first)")
+    time_budget: float = arg(120.0, "seconds of training steps (0 = exactly max_steps)")
+    batch_size: int = arg(32, "conversations per micro-batch")
+    lr: float = arg(1e-3, "peak learning rate")
+    min_lr: float = arg(1e-4, "final learning rate")
+    warmup_steps: int = arg(20, "linear warmup steps")
+    eval_interval: int = arg(100, "evaluate the held-out loss and checkpoint every N steps")
+    eval_tokens: int = arg(8192, "held-out tokens scored in periodic evaluations")
+    max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
+
+
+def encode_conversations(records: list[dict], tokenizer, block_size: int, loss_on: str, where: str):
+    """Render every conversation to (ids, targets); conversations longer than the context are skipped.
+
+    targets[t] is the token to predict after ids[..t], or IGNORE_INDEX where the loss
+    must not count (user and system text, role headers; with loss_on="all" nothing is masked).
+    """
+    examples, skipped = [], 0
+    for record in records:
+        ids, mask = render_chat(record["conversations"], tokenizer, where=where)
+        if len(ids) > block_size + 1:
+            skipped += 1
+            continue
+        x = torch.tensor(ids[:-1])                                     # (T,)
+        y = torch.tensor(ids[1:])                                      # (T,)
+        if loss_on == "assistant":
+            y[torch.tensor(mask[1:]) == 0] = IGNORE_INDEX
+        examples.append((x, y))
+    if skipped:
+        print(f"{where}: skipped {skipped} conversations longer than the context of {block_size} tokens")
+    if not examples:
+        raise ValueError(f"{where}: no conversation fits the context of {block_size} tokens")
+    return examples
+
+
+def collate(examples, pad_id: int):
+    """Pad to the longest example: x with pad_id, y with IGNORE_INDEX (padding never counts). (B, T) each."""
+    T = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for row, (xi, yi) in enumerate(examples):
+        x[row, :len(xi)] = xi
+        y[row, :len(yi)] = yi
+    return x, y
+
+
+def held_out_loss_evaluator(examples, batch_size: int, pad_id: int, device):
+    """evaluate(model, max_tokens) -> {"val_loss": mean loss per answer token on held-out conversations}."""
+    def evaluate(model, max_tokens):
+        nats, count, seen = 0.0, 0, 0
+        for start in range(0, len(examples), batch_size):
+            x, y = collate(examples[start:start + batch_size], pad_id)
+            x, y = x.to(device), y.to(device)
+            _, loss = model(x, y, reduction="none")                    # (b, T), 0 where ignored
+            nats += loss.float().sum().item()
+            count += (y != IGNORE_INDEX).sum().item()
+            seen += x.numel()
+            if max_tokens and seen >= max_tokens:
+                break
+        return {"val_loss": nats / max(count, 1)}
+    return evaluate
+
+
+def main(argv=None):
+    started = time.time()
+    cfg = parse_config(SFTConfig, __doc__.split("\n\n")[0].strip(), argv)
+    check_train_config(cfg)
+    rt = setup_runtime(cfg)
+
+    # 1. the model to fine-tune and its own tokenizer
+    model, ckpt_config = load_checkpoint(cfg.init_from, make_hint="python pretrain.py")
+    tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+    block_size = model.config.block_size
+
+    # 2. data: the default generated tasks unless files are given
+    if not cfg.data or not cfg.eval_data:
+        if rt.is_main:
+            english = ROOT / "data" / "default" / "en_train.txt"
+            if not english.exists():
+                raise FileNotFoundError(f"{english} not found: run `python pretrain.py` first (it builds the corpus)")
+            build_default_chat_data(DEFAULT_CHAT_DIR, english)
+        if rt.distributed:
+            torch.distributed.barrier()
+    train_path = Path(cfg.data) if cfg.data else DEFAULT_CHAT_DIR / "sft_train.jsonl"
+    eval_path = Path(cfg.eval_data) if cfg.eval_data else DEFAULT_CHAT_DIR / "sft_eval.jsonl"
+    train_records, eval_records = list(read_conversations(train_path)), list(read_conversations(eval_path))
+    train = encode_conversations(train_records, tokenizer, block_size, cfg.loss_on, str(train_path))
+    held_out = encode_conversations(eval_records, tokenizer, block_size, "assistant", str(eval_path))
+    pad_id = tokenizer.eot_id
+    if rt.is_main:
+        print(model.summary())
+        print(f"data: {len(train):,} training conversations ({train_path}), {len(eval_records):,} held-out "
+              f"({eval_path}); loss on {cfg.loss_on} tokens")
+
+    # 3. accuracy before: what pretraining alone gives
+    model.to(rt.device)
+    if rt.is_main:
+        before = exact_match_report(model, tokenizer, eval_records, cfg.max_new_tokens)
+        print(f"before SFT: {format_report(before)}")
+
+    # 4. train
+    def next_batch(generator):
+        rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
+        return collate([train[i] for i in rows], pad_id)
+
+    evaluate = held_out_loss_evaluator(held_out, cfg.batch_size, pad_id, rt.device)
+    meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from,
+            "data": str(train_path), "loss_on": cfg.loss_on}
+    result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="sft")
+
+    # 5. accuracy after, with the saved (best held-out loss) weights
+    if rt.is_main:
+        best, _ = load_checkpoint(cfg.out_dir, rt.device)
+        after = exact_match_report(best, tokenizer, eval_records, cfg.max_new_tokens)
+        metrics = {"accuracy": after["accuracy"], "accuracy_by_family": after["accuracy_by_family"],
+                   "accuracy_before": before["accuracy"], "accuracy_by_family_before": before["accuracy_by_family"],
+                   "val_loss": result.get("val_loss"), "loss_on": cfg.loss_on, "examples": after["examples"],
+                   "tokens": result["tokens"], "tokens_per_second": round(result["tokens_per_second"], 1),
+                   "seconds": round(result["seconds"], 1), "wall_seconds": round(time.time() - started, 1),
+                   "steps": result["step"]}
+        write_metrics(Path(cfg.out_dir), metrics)
+        print(f"after SFT:  {format_report(after)}")
+        for e in after["examples"][::3]:
+            print(f"  [{e['family']}] {e['prompt']!r} -> {e['answer']!r}")
+        print(f"sft: accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%} in {result['seconds']:.0f}s "
+              f"of training -> {cfg.out_dir}/")
+    if rt.distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main_guard(main)
