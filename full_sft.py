@@ -40,8 +40,10 @@ class SFTConfig(TrainConfig):
     loss_on: str = arg("assistant", "assistant: learn only the answers; all: every token", choices=["assistant", "all"])
     init_from: str = arg("weight/pretrain", "checkpoint to fine-tune (made by pretrain.py)")
     out_dir: str = arg("weight/sft", "output folder")
-    max_steps: int = arg(600, "optimizer steps (at most: the time budget usually ends the run first)")
-    time_budget: float = arg(120.0, "seconds of training steps (0 = exactly max_steps)")
+    max_steps: int = arg(2000, "optimizer steps (at most: the time budget usually ends the run first)")
+    time_budget: float = arg(240.0, "seconds of training steps (0 = exactly max_steps)")
+    optimizer: str = arg("muon", "muon (Muon for the blocks' matrices, AdamW for the rest) or adamw",
+                         choices=["adamw", "muon"])
     batch_size: int = arg(32, "conversations per micro-batch")
     lr: float = arg(1e-3, "peak learning rate")
     min_lr: float = arg(1e-4, "final learning rate")

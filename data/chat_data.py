@@ -5,12 +5,18 @@ No chat dataset can be downloaded here, so the default SFT data is generated. Ea
 family has English and Chinese templates; held-out items use new words, numbers and
 names (a fixed 1 in 5 of each, chosen by a hash), never only new phrasings:
 
-    upper     "Write 'crown' in capital letters."          -> "CROWN"
-    repeat    "Repeat 'moon' 3 times."                     -> "moon moon moon"
-    add       "What is 23 + 58?"                           -> "81"
+    repeat    "Repeat this word 3 times:\nmoon"           -> "moon\nmoon\nmoon"
+    last      "Which word comes last?\nsun\nsea\nmoon"     -> "moon"
     recall    "My name is Kavi." ... "What is my name?"    -> "Kavi"   (multi-turn)
     identity  "Who are you?"                               -> the persona's answer
-    reverse   "Spell 'cat' backwards."                     -> "tac"    (stays hard for BPE models)
+    add       "What is 23 + 58?"                           -> "81"     (stays hard)
+    upper     "Write this word in capital letters:\ncrown" -> "CROWN"  (stays hard)
+    reverse   "Spell this word backwards:\ncat"            -> "tac"    (stays hard)
+
+Words stand at the start of a line in prompts and answers alike: a BPE tokenizer
+splits " moon" (after a space) and "moon" (after a newline) into different tokens,
+so this layout makes copying a word copying its tokens. Upper case and reversal need
+the letters inside tokens, which a small BPE model barely knows: they stay hard.
 
 Records are written in the standard SFT format, one per line:
     {"conversations": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}],
@@ -33,20 +39,22 @@ from typing import Iterator
 from .pretrain_data import DataError, check_data_file
 
 HELD_OUT_EVERY = 5           # 1 in 5 words / number pairs / names is only ever used for evaluation
-FAMILIES = ("upper", "repeat", "add", "recall", "identity", "reverse")
+FAMILIES = ("repeat", "last", "recall", "identity", "add", "upper", "reverse")
 PERSONA = {"en": "I am Workshop, a small language model trained from scratch.",
            "zh": "我是 Workshop，一个从零开始训练的小语言模型。"}
 NUMBER_WORDS_ZH = {2: "两", 3: "三", 4: "四"}
 
 TEMPLATES = {
-    "upper": {"en": ["Write '{w}' in capital letters.", "Uppercase: {w}", "Make '{w}' upper case."],
-              "zh": ["把 {w} 写成大写字母。", "大写：{w}", "请把单词 {w} 变成大写。"]},
-    "repeat": {"en": ["Repeat '{w}' {n} times.", "Say {w} {n} times.", "Write the word {w} {n} times."],
-               "zh": ["把 {w} 重复{nz}遍。", "说{nz}遍 {w}。", "请写{nz}次单词 {w}。"]},
+    "upper": {"en": ["Write this word in capital letters:\n{w}", "Uppercase:\n{w}"],
+              "zh": ["把这个词写成大写字母：\n{w}", "大写：\n{w}"]},
+    "repeat": {"en": ["Repeat this word {n} times:\n{w}", "Say it {n} times:\n{w}", "Write {n} times:\n{w}"],
+               "zh": ["把这个词重复{nz}遍：\n{w}", "说{nz}遍：\n{w}", "请写{nz}次：\n{w}"]},
+    "last": {"en": ["Which word comes last?\n{ws}", "Give the last word of this list:\n{ws}"],
+             "zh": ["最后一个词是什么？\n{ws}", "说出这个列表的最后一个词：\n{ws}"]},
     "add": {"en": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."],
             "zh": ["{a} 加 {b} 等于多少？", "计算 {a} + {b}。", "{a} 和 {b} 的和是多少？"]},
-    "reverse": {"en": ["Spell '{w}' backwards.", "Reverse the letters of {w}."],
-                "zh": ["把 {w} 的字母倒过来写。", "倒序拼写：{w}"]},
+    "reverse": {"en": ["Spell this word backwards:\n{w}", "Reverse the letters:\n{w}"],
+                "zh": ["把这个词的字母倒过来写：\n{w}", "倒序拼写：\n{w}"]},
 }
 RECALL = {"en": ("My name is {name}.", "Nice to meet you, {name}!", "What is my name?"),
           "zh": ("我叫{name}。", "你好，{name}！", "我叫什么名字？")}
@@ -77,11 +85,12 @@ def synthetic_names(n: int = 400) -> list[str]:
 
 def make_item(family: str, lang: str, rng: random.Random, words: list[str], names: list[str]) -> dict:
     """One conversation of a family; words/names are the pool to draw from (train or held-out)."""
-    if family in ("upper", "repeat", "reverse"):
+    if family in ("upper", "repeat", "reverse", "last"):
         w = rng.choice(words)
         n = rng.randint(2, 4)
-        prompt = rng.choice(TEMPLATES[family][lang]).format(w=w, n=n, nz=NUMBER_WORDS_ZH[n])
-        answer = {"upper": w.upper(), "repeat": " ".join([w] * n), "reverse": w[::-1]}[family]
+        listed = rng.sample(words, n)
+        prompt = rng.choice(TEMPLATES[family][lang]).format(w=w, n=n, nz=NUMBER_WORDS_ZH[n], ws="\n".join(listed))
+        answer = {"upper": w.upper(), "repeat": "\n".join([w] * n), "reverse": w[::-1], "last": listed[-1]}[family]
         messages = [("user", prompt), ("assistant", answer)]
     elif family == "add":
         a, b = words                                   # for add, `words` is the pair to use
