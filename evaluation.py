@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from data.chat_data import IGNORE_INDEX, collate
 from tokenizer.chat import render_chat
 from training import (ROOT, arg, atomic_write_text, load_checkpoint, load_checkpoint_tokenizer, main_guard,
                       parse_config, resolve_device)
@@ -81,6 +82,23 @@ def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: in
 def format_report(report: dict) -> str:
     families = ", ".join(f"{f} {a:.0%}" for f, a in report["accuracy_by_family"].items())
     return f"exact match {report['accuracy']:.1%} on {report['n']} held-out items ({families})"
+
+
+def answer_loss_evaluator(examples, batch_size: int, pad_id: int, device):
+    """evaluate(model, max_tokens) -> {"val_loss": mean loss per answer token on held-out conversations}."""
+    def evaluate(model, max_tokens):
+        nats, count, seen = 0.0, 0, 0
+        for start in range(0, len(examples), batch_size):
+            x, y = collate(examples[start:start + batch_size], pad_id)
+            x, y = x.to(device), y.to(device)
+            _, loss = model(x, y, reduction="none")                    # (b, T), 0 where ignored
+            nats += loss.float().sum().item()
+            count += (y != IGNORE_INDEX).sum().item()
+            seen += x.numel()
+            if max_tokens and seen >= max_tokens:
+                break
+        return {"val_loss": nats / max(count, 1)}
+    return evaluate
 
 
 @dataclass

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import build_default_chat_data, read_conversations
-from evaluation import exact_match_report, format_report
-from model import IGNORE_INDEX
-from tokenizer.chat import render_chat
+from data.chat_data import build_default_chat_data, collate, encode_conversations, read_conversations
+from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from training import (ROOT, TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
                       main_guard, parse_config, run_training, setup_runtime, write_metrics)
 
@@ -51,58 +49,6 @@ class SFTConfig(TrainConfig):
     eval_interval: int = arg(100, "evaluate the held-out loss and checkpoint every N steps")
     eval_tokens: int = arg(8192, "held-out tokens scored in periodic evaluations")
     max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
-
-
-def encode_conversations(records: list[dict], tokenizer, block_size: int, loss_on: str, where: str):
-    """Render every conversation to (ids, targets); conversations longer than the context are skipped.
-
-    targets[t] is the token to predict after ids[..t], or IGNORE_INDEX where the loss
-    must not count (user and system text, role headers; with loss_on="all" nothing is masked).
-    """
-    examples, skipped = [], 0
-    for record in records:
-        ids, mask = render_chat(record["conversations"], tokenizer, where=where)
-        if len(ids) > block_size + 1:
-            skipped += 1
-            continue
-        x = torch.tensor(ids[:-1])                                     # (T,)
-        y = torch.tensor(ids[1:])                                      # (T,)
-        if loss_on == "assistant":
-            y[torch.tensor(mask[1:]) == 0] = IGNORE_INDEX
-        examples.append((x, y))
-    if skipped:
-        print(f"{where}: skipped {skipped} conversations longer than the context of {block_size} tokens")
-    if not examples:
-        raise ValueError(f"{where}: no conversation fits the context of {block_size} tokens")
-    return examples
-
-
-def collate(examples, pad_id: int):
-    """Pad to the longest example: x with pad_id, y with IGNORE_INDEX (padding never counts). (B, T) each."""
-    T = max(len(x) for x, _ in examples)
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-    for row, (xi, yi) in enumerate(examples):
-        x[row, :len(xi)] = xi
-        y[row, :len(yi)] = yi
-    return x, y
-
-
-def held_out_loss_evaluator(examples, batch_size: int, pad_id: int, device):
-    """evaluate(model, max_tokens) -> {"val_loss": mean loss per answer token on held-out conversations}."""
-    def evaluate(model, max_tokens):
-        nats, count, seen = 0.0, 0, 0
-        for start in range(0, len(examples), batch_size):
-            x, y = collate(examples[start:start + batch_size], pad_id)
-            x, y = x.to(device), y.to(device)
-            _, loss = model(x, y, reduction="none")                    # (b, T), 0 where ignored
-            nats += loss.float().sum().item()
-            count += (y != IGNORE_INDEX).sum().item()
-            seen += x.numel()
-            if max_tokens and seen >= max_tokens:
-                break
-        return {"val_loss": nats / max(count, 1)}
-    return evaluate
 
 
 def main(argv=None):
@@ -147,7 +93,7 @@ def main(argv=None):
         rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
         return collate([train[i] for i in rows], pad_id)
 
-    evaluate = held_out_loss_evaluator(held_out, cfg.batch_size, pad_id, rt.device)
+    evaluate = answer_loss_evaluator(held_out, cfg.batch_size, pad_id, rt.device)
     meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from,
             "data": str(train_path), "loss_on": cfg.loss_on}
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="sft")

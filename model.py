@@ -425,3 +425,79 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------
+# LoRA: low-rank adapters beside frozen linear layers (used by lora.py and inference.py)
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x, with W frozen and only A (r, in) and B (out, r) trained.
+
+    B starts at zero, so before training the layer computes exactly W x. merge() folds
+    the update into W (no extra cost at inference); unmerge() takes it out again.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling      # (..., out)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scaling   # (out, in)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= (self.lora_B @ self.lora_A) * self.scaling
+            self.merged = False
+
+
+def add_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float) -> list[str]:
+    """Freeze every weight, then wrap each nn.Linear whose name ends with one of target_modules
+    (e.g. "q_proj", "v_proj") in a LoRALinear. Returns the wrapped names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in target_modules):
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+                wrapped.append(full)
+    if not wrapped:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"--target_modules {target_modules} matched no linear layer; choose from {names}")
+    return wrapped
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the adapter: the lora_A / lora_B tensors (a few % of the model)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear layers back."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.merge()
+                setattr(module, child_name, child.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

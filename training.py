@@ -494,7 +494,8 @@ def check_train_config(cfg: TrainConfig):
 
 
 def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable,
-                 evaluate: Callable, meta: dict, tokenizer=None, stage: str = "train") -> dict:
+                 evaluate: Callable, meta: dict, tokenizer=None, stage: str = "train",
+                 save_weights: Callable = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps (or cfg.time_budget seconds) and return the final metrics.
 
     next_batch(generator) -> (x, y) on CPU, (B, T) each; y = -100 where the loss is ignored.
@@ -502,8 +503,10 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
     meta: what config.json records besides the model config (tokenizer, arguments, stage).
 
     Every eval_interval steps: evaluate, save the weights if val_loss is the best so far
-    (model.pt), and save everything needed to resume (resume.pt).
+    (model.pt; or save_weights(out_dir, model, meta, tokenizer), e.g. a LoRA adapter only),
+    and save everything needed to resume (resume.pt).
     """
+    save_weights = save_weights or save_checkpoint
     out_dir = Path(cfg.out_dir)
     check_train_config(cfg)
     if rt.is_main:
@@ -555,7 +558,7 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
         improved = metrics["val_loss"] < state["best_val_loss"]
         if improved:
             state["best_val_loss"] = metrics["val_loss"]
-            save_checkpoint(out_dir, model, {**meta, "step": step, "metrics": metrics}, tokenizer)
+            save_weights(out_dir, model, {**meta, "step": step, "metrics": metrics}, tokenizer)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
         tqdm.write(f"step {step}: {shown}" + (" (best, saved)" if improved else ""))
         state["step"] = step

@@ -36,10 +36,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
+from tokenizer.chat import render_chat
+
 from .pretrain_data import DataError, check_data_file
 
+IGNORE_INDEX = -100         # targets with this value add nothing to the loss (as model.IGNORE_INDEX)
 HELD_OUT_EVERY = 5           # 1 in 5 words / number pairs / names is only ever used for evaluation
 FAMILIES = ("repeat", "last", "recall", "identity", "add", "upper", "reverse")
+NEW_SKILL = "first"          # not in the SFT data: the skill lora.py teaches ("Which word comes first?")
 PERSONA = {"en": "I am Workshop, a small language model trained from scratch.",
            "zh": "我是 Workshop，一个从零开始训练的小语言模型。"}
 NUMBER_WORDS_ZH = {2: "两", 3: "三", 4: "四"}
@@ -49,6 +55,8 @@ TEMPLATES = {
               "zh": ["把这个词写成大写字母：\n{w}", "大写：\n{w}"]},
     "repeat": {"en": ["Repeat this word {n} times:\n{w}", "Say it {n} times:\n{w}", "Write {n} times:\n{w}"],
                "zh": ["把这个词重复{nz}遍：\n{w}", "说{nz}遍：\n{w}", "请写{nz}次：\n{w}"]},
+    "first": {"en": ["Which word comes first?\n{ws}", "Give the first word of this list:\n{ws}"],
+              "zh": ["第一个词是什么？\n{ws}", "说出这个列表的第一个词：\n{ws}"]},
     "last": {"en": ["Which word comes last?\n{ws}", "Give the last word of this list:\n{ws}"],
              "zh": ["最后一个词是什么？\n{ws}", "说出这个列表的最后一个词：\n{ws}"]},
     "add": {"en": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."],
@@ -85,12 +93,13 @@ def synthetic_names(n: int = 400) -> list[str]:
 
 def make_item(family: str, lang: str, rng: random.Random, words: list[str], names: list[str]) -> dict:
     """One conversation of a family; words/names are the pool to draw from (train or held-out)."""
-    if family in ("upper", "repeat", "reverse", "last"):
+    if family in ("upper", "repeat", "reverse", "last", "first"):
         w = rng.choice(words)
         n = rng.randint(2, 4)
         listed = rng.sample(words, n)
         prompt = rng.choice(TEMPLATES[family][lang]).format(w=w, n=n, nz=NUMBER_WORDS_ZH[n], ws="\n".join(listed))
-        answer = {"upper": w.upper(), "repeat": "\n".join([w] * n), "reverse": w[::-1], "last": listed[-1]}[family]
+        answer = {"upper": w.upper(), "repeat": "\n".join([w] * n), "reverse": w[::-1], "last": listed[-1],
+                  "first": listed[0]}[family]
         messages = [("user", prompt), ("assistant", answer)]
     elif family == "add":
         a, b = words                                   # for add, `words` is the pair to use
@@ -212,3 +221,38 @@ def check_turns(messages: list, where: str) -> None:
                         f"message, then user and assistant taking turns")
     if turns[-1] != "assistant":
         raise DataError(f"{where}: the conversation has no final assistant turn to learn from")
+
+
+def encode_conversations(records: list[dict], tokenizer, block_size: int, loss_on: str, where: str):
+    """Render every conversation to (ids, targets); conversations longer than the context are skipped.
+
+    targets[t] is the token to predict after ids[..t], or IGNORE_INDEX where the loss
+    must not count (user and system text, role headers; with loss_on="all" nothing is masked).
+    """
+    examples, skipped = [], 0
+    for record in records:
+        ids, mask = render_chat(record["conversations"], tokenizer, where=where)
+        if len(ids) > block_size + 1:
+            skipped += 1
+            continue
+        x = torch.tensor(ids[:-1])                                     # (T,)
+        y = torch.tensor(ids[1:])                                      # (T,)
+        if loss_on == "assistant":
+            y[torch.tensor(mask[1:]) == 0] = IGNORE_INDEX
+        examples.append((x, y))
+    if skipped:
+        print(f"{where}: skipped {skipped} conversations longer than the context of {block_size} tokens")
+    if not examples:
+        raise ValueError(f"{where}: no conversation fits the context of {block_size} tokens")
+    return examples
+
+
+def collate(examples, pad_id: int):
+    """Pad to the longest example: x with pad_id, y with IGNORE_INDEX (padding never counts). (B, T) each."""
+    T = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for row, (xi, yi) in enumerate(examples):
+        x[row, :len(xi)] = xi
+        y[row, :len(yi)] = yi
+    return x, y
