@@ -1,7 +1,32 @@
-"""Tests import the project's modules from the repository root."""
+"""Tests import the project's modules from the repository root; shared fixtures for the chat stages."""
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+# ---- shared by test_sft.py and test_lora.py: a tiny pretrained checkpoint and chat data ----
+import pytest  # noqa: E402
+
+WORDS = sorted({w for w in ("apple bread crown dream eagle flame grape honey island jewel knight lemon "
+                            "mirror night ocean pearl queen river stone tiger umbra violet water youth zebra "
+                            "amber blaze cloud dusk ember frost glow haze ivory jade").split()})
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pre")
+    text = "\n".join(f"{w} {w.upper()} {w[::-1]}" for w in WORDS * 20)
+    (folder / "text.txt").write_text(text, encoding="utf-8")
+    import pretrain
+    from data.chat_data import generate_chat_data, write_jsonl
+    pretrain.main(["--data", str(folder / "text.txt"), "--tokenizer", str(folder / "tok.json"), "--vocab_size", "320",
+                   "--cache_dir", str(folder / "cache"), "--out_dir", str(folder / "ckpt"), "--n_layer", "1",
+                   "--n_embd", "32", "--n_head", "2", "--block_size", "96", "--batch_size", "4", "--max_steps", "4",
+                   "--eval_interval", "4", "--sample_tokens", "0", "--time_budget", "0"])
+    train, held_out = generate_chat_data(WORDS, 200, 2, seed=0)
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "eval.jsonl", held_out)
+    return folder

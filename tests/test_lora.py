@@ -9,7 +9,7 @@ import lora
 from data.chat_data import generate_chat_data, write_jsonl
 from model import GPT, LoRALinear, ModelConfig, add_lora, lora_state_dict, merge_lora
 
-from test_sft import WORDS, tiny_pretrained  # noqa: F401  (a module-scoped fixture shared with the SFT tests)
+from conftest import WORDS
 
 
 def tiny_model():
@@ -64,7 +64,7 @@ def test_unknown_target_modules_are_one_clear_line():
         add_lora(tiny_model(), ["qkv"], rank=2, alpha=4)
 
 
-def test_lora_trains_an_adapter_and_merges(tiny_pretrained, tmp_path):  # noqa: F811
+def test_lora_trains_an_adapter_and_merges(tiny_pretrained, tmp_path):
     sft = tmp_path / "sft"
     full_sft.main(["--init_from", str(tiny_pretrained / "ckpt"), "--data", str(tiny_pretrained / "train.jsonl"),
                    "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(sft), "--max_steps", "3",

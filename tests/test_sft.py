@@ -4,14 +4,10 @@ import json
 import pytest
 
 import full_sft
-import pretrain
-from data.chat_data import (FAMILIES, generate_chat_data, is_held_out, read_conversations, synthetic_names,
-                            write_jsonl)
+from data.chat_data import FAMILIES, generate_chat_data, is_held_out, read_conversations, synthetic_names
 from data.pretrain_data import DataError
 
-WORDS = sorted({w for w in ("apple bread crown dream eagle flame grape honey island jewel knight lemon "
-                            "mirror night ocean pearl queen river stone tiger umbra violet water youth zebra "
-                            "amber blaze cloud dusk ember frost glow haze ivory jade").split()})
+from conftest import WORDS  # noqa: E402  (a small word list shared with test_lora.py)
 
 
 def test_generation_is_deterministic_for_a_seed():
@@ -59,21 +55,6 @@ def test_bad_chat_lines_name_file_and_line(tmp_path, line, message):
     with pytest.raises((DataError, ValueError)) as error:
         list(read_conversations(path))
     assert message in str(error.value)
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pre")
-    text = "\n".join(f"{w} {w.upper()} {w[::-1]}" for w in WORDS * 20)
-    (folder / "text.txt").write_text(text, encoding="utf-8")
-    pretrain.main(["--data", str(folder / "text.txt"), "--tokenizer", str(folder / "tok.json"), "--vocab_size", "320",
-                   "--cache_dir", str(folder / "cache"), "--out_dir", str(folder / "ckpt"), "--n_layer", "1",
-                   "--n_embd", "32", "--n_head", "2", "--block_size", "96", "--batch_size", "4", "--max_steps", "4",
-                   "--eval_interval", "4", "--sample_tokens", "0", "--time_budget", "0"])
-    train, held_out = generate_chat_data(WORDS, 200, 2, seed=0)
-    write_jsonl(folder / "train.jsonl", train)
-    write_jsonl(folder / "eval.jsonl", held_out)
-    return folder
 
 
 @pytest.mark.parametrize("loss_on", ["assistant", "all"])
