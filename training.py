@@ -495,10 +495,12 @@ def check_train_config(cfg: TrainConfig):
 
 def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable,
                  evaluate: Callable, meta: dict, tokenizer=None, stage: str = "train",
-                 save_weights: Callable = None) -> dict:
+                 save_weights: Callable = None, compute_loss: Callable = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps (or cfg.time_budget seconds) and return the final metrics.
 
     next_batch(generator) -> (x, y) on CPU, (B, T) each; y = -100 where the loss is ignored.
+    compute_loss(model, batch) -> scalar loss; default: the model's own next-token loss
+    on (x, y). DPO passes its own (batch = chosen and rejected sequences).
     evaluate(model, max_tokens) -> dict with at least "val_loss" (lower is better).
     meta: what config.json records besides the model config (tokenizer, arguments, stage).
 
@@ -507,6 +509,7 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
     and save everything needed to resume (resume.pt).
     """
     save_weights = save_weights or save_checkpoint
+    compute_loss = compute_loss or (lambda m, batch: m(*batch)[1])
     out_dir = Path(cfg.out_dir)
     check_train_config(cfg)
     if rt.is_main:
@@ -587,17 +590,15 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
             group["lr"] = lr * group.get("lr_ratio", 1.0)
         loss_sum, step_tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
-            x, y = next_batch(batch_rng)
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            batch = [t.to(rt.device, non_blocking=True) for t in next_batch(batch_rng)]
             # in DDP, only the last micro-batch synchronises gradients across processes
             sync = contextlib.nullcontext() if (not rt.distributed or micro == cfg.grad_accum - 1) \
                 else train_model.no_sync()
             with sync, rt.autocast():
-                _, loss = train_model(x, y)
-                loss = loss / cfg.grad_accum
+                loss = compute_loss(train_model, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
-            step_tokens += x.numel()
+            step_tokens += batch[0].numel()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -256,3 +256,60 @@ def collate(examples, pad_id: int):
         x[row, :len(xi)] = xi
         y[row, :len(yi)] = yi
     return x, y
+
+
+WRONG_PERSONA = {"en": "I am a human, not a language model.", "zh": "我是一个人，不是语言模型。"}
+
+
+def plausible_wrong_answer(record: dict, rng: random.Random, words: list[str], names: list[str]) -> str | None:
+    """A wrong answer that looks like a right one (the 'rejected' side of a preference pair)."""
+    messages, family = record["conversations"], record.get("family")
+    right, prompt = messages[-1]["content"], messages[-2]["content"]
+    lines = prompt.split("\n")[1:]                              # the words listed under the question
+    if family == "repeat":
+        word, n = right.split("\n")[0], right.count("\n") + 1
+        wrong = "\n".join([word] * (n + rng.choice([-1, 1]))) if n > 2 else "\n".join([rng.choice(words)] * n)
+    elif family in ("last", "first"):
+        wrong = rng.choice([w for w in lines if w != right] or words)
+    elif family == "recall":
+        wrong = rng.choice([n for n in names if n != right])
+    elif family == "identity":
+        wrong = WRONG_PERSONA[record.get("lang") or "en"]
+    elif family == "add":
+        wrong = str(int(right) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    elif family == "upper":
+        wrong = right.lower() if rng.random() < 0.5 else rng.choice(words).upper()
+    elif family == "reverse":
+        wrong = right[::-1]                                     # the word itself, not reversed
+    else:
+        return None
+    return wrong if wrong != right else None
+
+
+def preference_pair(record: dict, rejected_answer: str) -> dict:
+    """{"chosen": messages, "rejected": messages}: the same conversation, two different last answers."""
+    prompt = record["conversations"][:-1]
+    return {"chosen": record["conversations"],
+            "rejected": prompt + [{"role": "assistant", "content": rejected_answer}],
+            "family": record.get("family", "user"), "lang": record.get("lang", "")}
+
+
+def read_preference_pairs(path: str | Path) -> Iterator[dict]:
+    """Yield {"chosen": [...], "rejected": [...]} records; bad lines stop with file:line."""
+    path = Path(path)
+    check_data_file(path)
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise DataError(f"{where}: not valid UTF-8 JSON; each line must be "
+                                f'{{"chosen": [...messages], "rejected": [...messages]}}') from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in ("chosen", "rejected")):
+                raise DataError(f'{where}: needs "chosen" and "rejected" message lists')
+            check_turns(record["chosen"], where + " (chosen)")
+            check_turns(record["rejected"], where + " (rejected)")
+            yield record

@@ -1,0 +1,218 @@
+"""
+dpo.py -- Direct Preference Optimization: prefer the chosen answer over the rejected one.
+
+    python dpo.py                                 # weight/sft + generated preference pairs -> weight/dpo/
+    python dpo.py --data pairs.jsonl --eval_data held_out_pairs.jsonl --beta 0.1
+
+Each pair shares a prompt and has two answers: chosen (right) and rejected (wrong). With
+log-probabilities of whole answers under the model being trained (pi) and a frozen copy
+of the starting model (ref), DPO (Rafailov et al., 2023) minimises
+
+    loss = -log sigmoid( beta * [ (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)) ] )
+
+so the chosen answer gains probability relative to the rejected one, while beta limits how
+far pi moves from ref. The bracket, times beta, is the reward margin; held-out pairs whose
+margin is positive count towards preference accuracy. A small SFT term on the chosen
+answers (--sft_weight) guards against the known collapse, where both answers lose
+probability and the model drifts into repetition.
+
+Rejected answers: plausible wrong ones (a wrong count, a neighbour in the list, another
+name), plus the SFT model's own wrong answers to training prompts (on-policy).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.chat_data import (IGNORE_INDEX, collate, corpus_words, plausible_wrong_answer, preference_pair,
+                            read_conversations, read_preference_pairs, synthetic_names, write_jsonl)
+from evaluation import exact_match_report, format_report, greedy_answers
+from tokenizer.chat import render_chat
+from training import (ROOT, TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
+                      main_guard, parse_config, run_training, setup_runtime, write_metrics)
+
+DEFAULT_CHAT_DIR = ROOT / "data" / "default" / "chat"
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    data: str = arg("", "preference pairs (.jsonl with chosen/rejected); empty = generated from the chat tasks")
+    eval_data: str = arg("", "held-out preference pairs; empty = generated from the held-out chat tasks")
+    task_data: str = arg("", "held-out chat tasks for accuracy before/after; empty = the default SFT held-out set")
+    init_from: str = arg("weight/sft", "the SFT model to start from (also the frozen reference)")
+    out_dir: str = arg("weight/dpo", "output folder")
+    beta: float = arg(0.1, "how strongly the reward is tied to staying near the reference")
+    sft_weight: float = arg(0.1, "weight of an SFT loss on the chosen answers (0 = pure DPO)")
+    on_policy: int = arg(2000, "training prompts answered by the SFT model; its wrong answers become rejected ones")
+    lr: float = arg(1e-4, "peak learning rate")
+    min_lr: float = arg(1e-5, "final learning rate")
+    batch_size: int = arg(32, "pairs per micro-batch")
+    max_steps: int = arg(1000, "optimizer steps (at most)")
+    time_budget: float = arg(60.0, "seconds of training steps (0 = exactly max_steps)")
+    warmup_steps: int = arg(10, "linear warmup steps")
+    eval_interval: int = arg(50, "evaluate held-out pairs every N steps")
+    eval_tokens: int = arg(0, "unused: every held-out pair is scored")
+    max_new_tokens: int = arg(32, "longest answer generated when measuring task accuracy")
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
+    """Per-pair DPO loss and reward margin from summed answer log-probs, each (B,).
+
+    margin = beta * [(pi_c - ref_c) - (pi_r - ref_r)];  loss = -log sigmoid(margin)
+    """
+    margin = beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))
+    return -F.logsigmoid(margin), margin
+
+
+def answer_logprob(model, x, y):
+    """Sum of log p(y_t | x_<=t) over the answer tokens (y != IGNORE_INDEX), per row: (B,)."""
+    logits, _ = model(x)                                                      # (B, T, V)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    mask = y != IGNORE_INDEX
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)       # (B, T)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+def encode_pairs(pairs: list[dict], tokenizer, block_size: int):
+    """Each pair -> (chosen x, y) and (rejected x, y); targets only on the final answer."""
+    def encode(messages):
+        ids, mask = render_chat(messages, tokenizer)
+        last_answer_start = len(ids) - 1 - ids[::-1].index(tokenizer.im_start_id)
+        mask = [m if i > last_answer_start else 0 for i, m in enumerate(mask)]   # only the last answer counts
+        x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        y[torch.tensor(mask[1:]) == 0] = IGNORE_INDEX
+        return x, y
+    encoded = [(encode(p["chosen"]), encode(p["rejected"])) for p in pairs]
+    kept = [e for e in encoded if max(len(e[0][0]), len(e[1][0])) <= block_size]
+    if len(kept) < len(encoded):
+        print(f"dpo: skipped {len(encoded) - len(kept)} pairs longer than the context of {block_size} tokens")
+    return kept
+
+
+@torch.no_grad()
+def reference_logprobs(model, encoded, batch_size: int, pad_id: int, device):
+    """log ref(answer) for every pair, computed once: the reference never changes. (N,) each."""
+    chosen, rejected = [], []
+    for start in range(0, len(encoded), batch_size):
+        part = encoded[start:start + batch_size]
+        for side, out in ((0, chosen), (1, rejected)):
+            x, y = collate([p[side] for p in part], pad_id)
+            out.append(answer_logprob(model, x.to(device), y.to(device))[0].cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def default_pairs(model, tokenizer, on_policy: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Training and held-out pairs from the chat tasks: plausible wrong answers + the model's own mistakes."""
+    rng = random.Random(seed)
+    english = ROOT / "data" / "default" / "en_train.txt"
+    words, names = corpus_words(english.read_text(encoding="utf-8")), synthetic_names()
+    train_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_train.jsonl"))
+    eval_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
+
+    def plausible(records):
+        pairs = []
+        for r in records:
+            wrong = plausible_wrong_answer(r, rng, words, names)
+            if wrong is not None:
+                pairs.append(preference_pair(r, wrong))
+        return pairs
+
+    train_pairs, eval_pairs = plausible(train_records), plausible(eval_records)
+    asked = rng.sample(train_records, min(on_policy, len(train_records)))
+    answers = greedy_answers(model, tokenizer, [r["conversations"] for r in asked])
+    own = [preference_pair(r, a) for r, a in zip(asked, answers)
+           if a.strip() != r["conversations"][-1]["content"].strip() and a.strip()]
+    print(f"dpo: {len(train_pairs):,} plausible-wrong pairs + {len(own):,} on-policy pairs (the SFT model's own "
+          f"mistakes on {len(asked):,} training prompts); {len(eval_pairs):,} held-out pairs")
+    return train_pairs + own, eval_pairs
+
+
+def main(argv=None):
+    started = time.time()
+    cfg = parse_config(DPOConfig, __doc__.split("\n\n")[0].strip(), argv)
+    check_train_config(cfg)
+    rt = setup_runtime(cfg)
+    model, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
+    tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+    pad_id, block = tokenizer.eot_id, model.config.block_size
+
+    # 1. preference pairs
+    if cfg.data and cfg.eval_data:
+        train_pairs, eval_pairs = list(read_preference_pairs(cfg.data)), list(read_preference_pairs(cfg.eval_data))
+    else:
+        train_pairs, eval_pairs = default_pairs(model, tokenizer, cfg.on_policy, cfg.seed)
+        write_jsonl(DEFAULT_CHAT_DIR / "dpo_train.jsonl", train_pairs)
+        write_jsonl(DEFAULT_CHAT_DIR / "dpo_eval.jsonl", eval_pairs)
+    train, held_out = encode_pairs(train_pairs, tokenizer, block), encode_pairs(eval_pairs, tokenizer, block)
+
+    # 2. the reference is the starting model: its log-probs are computed once, before training
+    model.eval()
+    ref_train = reference_logprobs(model, train, cfg.batch_size, pad_id, rt.device)
+    ref_eval = reference_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
+    task_records = list(read_conversations(cfg.task_data or DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
+    task_before = exact_match_report(model, tokenizer, task_records, cfg.max_new_tokens)
+    print(f"before DPO: {format_report(task_before)}")
+
+    def next_batch(generator):
+        rows = torch.randint(len(train), (cfg.batch_size,), generator=generator)
+        xc, yc = collate([train[i][0] for i in rows.tolist()], pad_id)
+        xr, yr = collate([train[i][1] for i in rows.tolist()], pad_id)
+        return xc, yc, xr, yr, ref_train[0][rows], ref_train[1][rows]
+
+    def compute_loss(model, batch):
+        xc, yc, xr, yr, ref_c, ref_r = batch
+        pi_c, n_c = answer_logprob(model, xc, yc)
+        pi_r, _ = answer_logprob(model, xr, yr)
+        loss, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta)
+        sft = -(pi_c / n_c.clamp(min=1)).mean()                               # mean NLL per chosen token
+        return loss.mean() + cfg.sft_weight * sft
+
+    @torch.no_grad()
+    def evaluate(model, max_tokens):
+        losses, margins = [], []
+        for start in range(0, len(held_out), cfg.batch_size):
+            part = held_out[start:start + cfg.batch_size]
+            xc, yc = collate([p[0] for p in part], pad_id)
+            xr, yr = collate([p[1] for p in part], pad_id)
+            pi_c, _ = answer_logprob(model, xc.to(rt.device), yc.to(rt.device))
+            pi_r, _ = answer_logprob(model, xr.to(rt.device), yr.to(rt.device))
+            sl = slice(start, start + len(part))
+            loss, margin = dpo_loss(pi_c.cpu(), pi_r.cpu(), ref_eval[0][sl], ref_eval[1][sl], cfg.beta)
+            losses.append(loss)
+            margins.append(margin)
+        margin = torch.cat(margins)
+        # the margin of each pair is beta * (its chosen-minus-rejected log-ratio), so accuracy = margin > 0
+        return {"val_loss": torch.cat(losses).mean().item(), "preference_accuracy": (margin > 0).float().mean().item(),
+                "reward_margin": margin.mean().item()}
+
+    meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from, "beta": cfg.beta}
+    model.train()
+    result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="dpo",
+                          compute_loss=compute_loss)
+
+    # 3. after: the saved weights on held-out pairs and on the tasks
+    best, _ = load_checkpoint(cfg.out_dir, rt.device)
+    best.eval()
+    prefs = evaluate(best, None)
+    task_after = exact_match_report(best, tokenizer, task_records, cfg.max_new_tokens)
+    metrics = {"preference_accuracy": prefs["preference_accuracy"], "reward_margin": prefs["reward_margin"],
+               "val_loss": prefs["val_loss"], "accuracy": task_after["accuracy"],
+               "accuracy_by_family": task_after["accuracy_by_family"], "accuracy_before": task_before["accuracy"],
+               "accuracy_by_family_before": task_before["accuracy_by_family"], "beta": cfg.beta,
+               "sft_weight": cfg.sft_weight, "pairs": len(train), "seconds": round(result["seconds"], 1),
+               "wall_seconds": round(time.time() - started, 1), "steps": result["step"]}
+    write_metrics(Path(cfg.out_dir), metrics)
+    print(f"after DPO: {format_report(task_after)}")
+    print(f"dpo: held-out preference accuracy {prefs['preference_accuracy']:.1%}, reward margin "
+          f"{prefs['reward_margin']:.3f}; task accuracy {task_before['accuracy']:.1%} -> {task_after['accuracy']:.1%} "
+          f"-> {cfg.out_dir}/")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,70 @@
+"""DPO: the loss by hand, preference data, and dpo.py end to end on a tiny model."""
+import json
+import math
+
+import pytest
+import torch
+
+import dpo
+import full_sft
+from conftest import WORDS
+from data.chat_data import (generate_chat_data, plausible_wrong_answer, preference_pair, read_preference_pairs,
+                            synthetic_names, write_jsonl)
+
+
+def test_dpo_loss_matches_a_worked_example():
+    # margin = beta * ((pi_c - ref_c) - (pi_r - ref_r)) = 0.5 * ((-1 + 2) - (-3 + 2)) = 1
+    loss, margin = dpo.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                                torch.tensor([-2.0]), beta=0.5)
+    assert margin.item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+
+
+def test_dpo_loss_is_log2_when_the_policy_is_the_reference():
+    logps = torch.randn(4), torch.randn(4)
+    loss, margin = dpo.dpo_loss(*logps, *logps, beta=0.1)
+    assert torch.allclose(loss, torch.full((4,), math.log(2)))
+    assert torch.equal(margin, torch.zeros(4))
+
+
+def test_rejected_answers_are_wrong_and_pairs_share_the_prompt():
+    import random
+    train, _ = generate_chat_data(WORDS, 200, 1, seed=0)
+    rng = random.Random(0)
+    for record in train:
+        wrong = plausible_wrong_answer(record, rng, WORDS, synthetic_names())
+        if wrong is None:
+            continue
+        pair = preference_pair(record, wrong)
+        assert pair["chosen"][:-1] == pair["rejected"][:-1]
+        assert pair["chosen"][-1]["content"] != pair["rejected"][-1]["content"]
+
+
+def test_bad_preference_lines_name_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"chosen": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match='p.jsonl:1: needs "chosen" and "rejected"'):
+        list(read_preference_pairs(path))
+
+
+def test_dpo_runs_end_to_end_and_reports_preferences(tiny_pretrained, tmp_path):
+    sft = tmp_path / "sft"
+    full_sft.main(["--init_from", str(tiny_pretrained / "ckpt"), "--data", str(tiny_pretrained / "train.jsonl"),
+                   "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(sft), "--max_steps", "3",
+                   "--eval_interval", "3", "--time_budget", "0", "--batch_size", "4", "--max_new_tokens", "2"])
+    import random
+    rng = random.Random(0)
+    train, held_out = generate_chat_data(WORDS, 60, 2, seed=5)
+    pairs = lambda records: [preference_pair(r, w) for r in records  # noqa: E731
+                             if (w := plausible_wrong_answer(r, rng, WORDS, synthetic_names())) is not None]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs(train))
+    write_jsonl(tmp_path / "pairs_eval.jsonl", pairs(held_out))
+    out = tmp_path / "dpo"
+    dpo.main(["--init_from", str(sft), "--data", str(tmp_path / "pairs.jsonl"),
+              "--eval_data", str(tmp_path / "pairs_eval.jsonl"), "--task_data", str(tiny_pretrained / "eval.jsonl"),
+              "--out_dir", str(out), "--max_steps", "4", "--eval_interval", "2", "--time_budget", "0",
+              "--batch_size", "4", "--max_new_tokens", "2", "--lr", "1e-3"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("preference_accuracy", "reward_margin", "accuracy", "accuracy_by_family", "accuracy_before"):
+        assert metrics[key] is not None, key
+    assert 0 <= metrics["preference_accuracy"] <= 1
