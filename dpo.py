@@ -48,7 +48,7 @@ class DPOConfig(TrainConfig):
     init_from: str = arg("weight/sft", "the SFT model to start from (also the frozen reference)")
     out_dir: str = arg("weight/dpo", "output folder")
     beta: float = arg(0.1, "how strongly the reward is tied to staying near the reference")
-    sft_weight: float = arg(0.1, "weight of an SFT loss on the chosen answers (0 = pure DPO)")
+    sft_weight: float = arg(1.0, "weight of an SFT loss on the chosen answers (0 = pure DPO)")
     on_policy: int = arg(2000, "training prompts answered by the SFT model; its wrong answers become rejected ones")
     lr: float = arg(1e-4, "peak learning rate")
     min_lr: float = arg(1e-5, "final learning rate")
