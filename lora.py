@@ -68,6 +68,11 @@ class LoRAConfig(TrainConfig):
     max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
 
 
+def weights_checksum(model) -> float:
+    """A cheap fingerprint of a model's weights (sum of every weight's mean): tells two bases apart."""
+    return round(sum(t.float().mean().item() for t in model.state_dict().values()), 6)
+
+
 def save_adapter(out_dir: Path, model, meta: dict, tokenizer=None):
     """Only the LoRA tensors, and what they belong to (run_training calls this for the best weights)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,8 @@ def load_adapted_model(adapter_dir: str | Path, device="cpu"):
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     model, base_config = load_checkpoint(config["init_from"], make_hint="python full_sft.py")
     if base_config.get("tokenizer", {}).get("fingerprint") != config.get("tokenizer", {}).get("fingerprint") \
-            or model.config.to_dict() != config.get("base_model"):
+            or model.config.to_dict() != config.get("base_model") \
+            or abs(weights_checksum(model) - config.get("base_checksum", float("nan"))) > 1e-4:
         raise ValueError(f"{adapter_dir} was trained on another base model than {config['init_from']}: "
                          f"use the base it was trained on")
     lora = config["lora"]
@@ -135,7 +141,7 @@ def main(argv=None):
     # 1. the frozen base and its tokenizer
     model, base_config = load_checkpoint(cfg.init_from, make_hint="python full_sft.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
-    base_model_config = model.config.to_dict()
+    base_model_config, base_checksum = model.config.to_dict(), weights_checksum(model)
 
     # 2. data: the new skill, plus a replay of old skills, plus held-out sets for both
     english = ROOT / "data" / "default" / "en_train.txt"
@@ -177,6 +183,7 @@ def main(argv=None):
 
     evaluate = answer_loss_evaluator(held_out, cfg.batch_size, tokenizer.eot_id, rt.device)
     meta = {"tokenizer": base_config.get("tokenizer"), "init_from": cfg.init_from, "base_model": base_model_config,
+            "base_checksum": base_checksum,
             "lora": {"name": cfg.lora_name, "rank": cfg.rank, "alpha": cfg.alpha,
                      "target_modules": list(cfg.target_modules)}, "data": str(train_path)}
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="lora",

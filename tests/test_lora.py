@@ -95,3 +95,10 @@ def test_lora_trains_an_adapter_and_merges(tiny_pretrained, tmp_path):
         lora.main(args[:args.index("--out_dir") + 2] + ["--merge"])
     with pytest.raises(ValueError, match="already holds an adapter"):
         lora.main(args)
+
+    # the same adapter pointed at another base (same shapes, other weights) is refused
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["init_from"] = str(tiny_pretrained / "ckpt")
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="another base model"):
+        lora.load_adapted_model(out)

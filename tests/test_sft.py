@@ -77,3 +77,14 @@ def test_evaluation_command_writes_a_json_report(tiny_pretrained, tmp_path):
                      "--max_new_tokens", "3", "--out", str(tmp_path / "report.json")])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 2 * len(FAMILIES) and 0 <= report["accuracy"] <= 1
+
+
+def test_conversations_longer_than_the_context_are_skipped_and_counted(capsys):
+    from data.chat_data import encode_conversations
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_texts([" ".join(WORDS)], vocab_size=280, progress=False)
+    short = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    long = {"conversations": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "yo"}]}
+    examples = encode_conversations([short, long, short], tok, block_size=32, loss_on="assistant", where="c.jsonl")
+    assert len(examples) == 2
+    assert "c.jsonl: skipped 1 conversations longer than the context of 32 tokens" in capsys.readouterr().out
