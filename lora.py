@@ -31,11 +31,10 @@ from data.chat_data import (NEW_SKILL, collate, corpus_words, encode_conversatio
                             read_conversations, write_jsonl)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from model import add_lora, lora_state_dict, merge_lora
-from training import (ROOT, TrainConfig, arg, atomic_save, atomic_write_text, check_train_config, load_checkpoint,
-                      load_checkpoint_tokenizer, main_guard, parse_config, run_training, save_checkpoint,
-                      setup_runtime, write_metrics)
+from training import (ADAPTER_CONFIG, ADAPTER_FILE, ROOT, TrainConfig, arg, atomic_save, atomic_write_text,
+                      check_train_config, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer, main_guard,
+                      parse_config, run_training, save_checkpoint, setup_runtime, weights_checksum, write_metrics)
 
-ADAPTER_FILE, ADAPTER_CONFIG = "adapter.pt", "adapter_config.json"
 DEFAULT_CHAT_DIR = ROOT / "data" / "default" / "chat"
 
 
@@ -68,38 +67,11 @@ class LoRAConfig(TrainConfig):
     max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
 
 
-def weights_checksum(model) -> float:
-    """A cheap fingerprint of a model's weights (sum of every weight's mean): tells two bases apart."""
-    return round(sum(t.float().mean().item() for t in model.state_dict().values()), 6)
-
-
 def save_adapter(out_dir: Path, model, meta: dict, tokenizer=None):
     """Only the LoRA tensors, and what they belong to (run_training calls this for the best weights)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(lora_state_dict(model), out_dir / ADAPTER_FILE)
     atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(meta, indent=2, default=str))
-
-
-def load_adapted_model(adapter_dir: str | Path, device="cpu"):
-    """Base checkpoint (named in adapter_config.json) + its adapter. Returns (model, adapter config)."""
-    adapter_dir = Path(adapter_dir)
-    for name in (ADAPTER_FILE, ADAPTER_CONFIG):
-        if not (adapter_dir / name).exists():
-            raise FileNotFoundError(f"{adapter_dir / name} not found: train an adapter with `python lora.py`")
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    model, base_config = load_checkpoint(config["init_from"], make_hint="python full_sft.py")
-    if base_config.get("tokenizer", {}).get("fingerprint") != config.get("tokenizer", {}).get("fingerprint") \
-            or model.config.to_dict() != config.get("base_model") \
-            or abs(weights_checksum(model) - config.get("base_checksum", float("nan"))) > 1e-4:
-        raise ValueError(f"{adapter_dir} was trained on another base model than {config['init_from']}: "
-                         f"use the base it was trained on")
-    lora = config["lora"]
-    add_lora(model, lora["target_modules"], lora["rank"], lora["alpha"])
-    missing = set(lora_state_dict(model)) - set(torch.load(adapter_dir / ADAPTER_FILE, weights_only=True))
-    if missing:
-        raise ValueError(f"{adapter_dir / ADAPTER_FILE} lacks {len(missing)} adapter tensors: retrain it")
-    model.load_state_dict(torch.load(adapter_dir / ADAPTER_FILE, weights_only=True), strict=False)
-    return model.to(device), config
 
 
 def default_skill_data(english: Path, out_dir: Path) -> dict[str, Path]:

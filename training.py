@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, add_lora, lora_state_dict
 
 ROOT = Path(__file__).resolve().parent
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.pt", "adapter_config.json"   # a LoRA adapter folder (lora.py)
 WEIGHTS_FILE = "model.pt"      # weights only (the best checkpoint): state_dict of tensors
 RESUME_FILE = "resume.pt"      # everything needed to continue: weights, optimizer, step, RNG
 CONFIG_FILE = "config.json"    # model config, tokenizer, training arguments
@@ -393,6 +394,33 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
     model = GPT(model_config)
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
+    return model.to(device), config
+
+
+def weights_checksum(model) -> float:
+    """A cheap fingerprint of a model's weights (sum of every weight's mean): tells two bases apart."""
+    return round(sum(t.float().mean().item() for t in model.state_dict().values()), 6)
+
+
+def load_adapted_model(adapter_dir: str | Path, device="cpu"):
+    """Base checkpoint (named in adapter_config.json) + its adapter. Returns (model, adapter config)."""
+    adapter_dir = Path(adapter_dir)
+    for name in (ADAPTER_FILE, ADAPTER_CONFIG):
+        if not (adapter_dir / name).exists():
+            raise FileNotFoundError(f"{adapter_dir / name} not found: train an adapter with `python lora.py`")
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    model, base_config = load_checkpoint(config["init_from"], make_hint="python full_sft.py")
+    if base_config.get("tokenizer", {}).get("fingerprint") != config.get("tokenizer", {}).get("fingerprint") \
+            or model.config.to_dict() != config.get("base_model") \
+            or abs(weights_checksum(model) - config.get("base_checksum", float("nan"))) > 1e-4:
+        raise ValueError(f"{adapter_dir} was trained on another base model than {config['init_from']}: "
+                         f"use the base it was trained on")
+    lora = config["lora"]
+    add_lora(model, lora["target_modules"], lora["rank"], lora["alpha"])
+    missing = set(lora_state_dict(model)) - set(torch.load(adapter_dir / ADAPTER_FILE, weights_only=True))
+    if missing:
+        raise ValueError(f"{adapter_dir / ADAPTER_FILE} lacks {len(missing)} adapter tensors: retrain it")
+    model.load_state_dict(torch.load(adapter_dir / ADAPTER_FILE, weights_only=True), strict=False)
     return model.to(device), config
 
 

@@ -73,3 +73,41 @@ def test_a_tokenizer_that_does_not_match_the_checkpoint_is_refused(ckpt, tmp_pat
 def test_invalid_sampling_values_are_refused(ckpt, flag, value):
     result = infer("--ckpt", str(ckpt), "--prompt", "hi", flag, value)
     assert result.returncode == 2 and flag in result.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tiny_pretrained, tmp_path_factory):
+    import full_sft
+    out = tmp_path_factory.mktemp("chat") / "sft"
+    full_sft.main(["--init_from", str(tiny_pretrained / "ckpt"), "--data", str(tiny_pretrained / "train.jsonl"),
+                   "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(out), "--max_steps", "2",
+                   "--eval_interval", "2", "--time_budget", "0", "--batch_size", "4", "--max_new_tokens", "2"])
+    return out
+
+
+def test_a_chat_checkpoint_answers_in_chat_mode_without_echo(chat_ckpt):
+    result = infer("--ckpt", str(chat_ckpt), "--prompt", "Who are you?", "--max_new_tokens", "5", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    assert "Who are you?" not in result.stdout            # a chat answer, not a continuation of the prompt
+
+
+def test_chat_repl_keeps_history_resets_and_drops_old_turns(chat_ckpt):
+    long_turn = "apple bread crown dream eagle"                # ~20 tokens: a few turns fill the context
+    lines = [long_turn] * 6 + ["/reset", "/system Be brief.", "hi", "/exit"]
+    result = infer("--ckpt", str(chat_ckpt), "--max_new_tokens", "4", "--seed", "0", stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "the oldest turn was dropped" in result.stdout   # the tiny model's context is 96 tokens
+    assert "[conversation reset]" in result.stdout and "system prompt: 'Be brief.'" in result.stdout
+
+
+def test_lora_flag_loads_an_adapter_on_its_base(chat_ckpt, tiny_pretrained, tmp_path):
+    import lora
+    out = tmp_path / "lora"
+    lora.main(["--init_from", str(chat_ckpt), "--data", str(tiny_pretrained / "train.jsonl"),
+               "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--old_eval_data", str(tiny_pretrained / "eval.jsonl"),
+               "--out_dir", str(out), "--max_steps", "2", "--eval_interval", "2", "--time_budget", "0",
+               "--batch_size", "4", "--max_new_tokens", "2", "--rank", "2", "--replay", "0"])
+    result = infer("--lora", str(out), "--prompt", "hi", "--max_new_tokens", "3", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    missing = infer("--lora", str(tmp_path / "nothing"), "--prompt", "hi")
+    assert missing.returncode == 2 and "python lora.py" in missing.stderr
