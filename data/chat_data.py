@@ -175,39 +175,43 @@ def build_default_chat_data(out_dir: Path, english_text_path: Path, n_train: int
     return paths
 
 
-def read_conversations(path: str | Path) -> Iterator[dict]:
-    """Yield {"conversations": [...], "family": ..., "lang": ...} from a jsonl file.
-
-    Accepts {"conversations": [{"role", "content"}, ...]} and alpaca records
-    {"instruction", "input", "output"}. Bad lines stop with file:line and the fix.
-    """
+def jsonl_records(path: str | Path, expected: str) -> Iterator[tuple[str, object]]:
+    """Yield ("file:line", parsed JSON) for every non-empty line; a bad line stops with file:line."""
     path = Path(path)
     check_data_file(path)
     if path.suffix != ".jsonl":
-        raise DataError(f"{path}: chat data must be .jsonl with one conversation per line")
+        raise DataError(f"{path}: expected a .jsonl file with one JSON object per line")
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                record = json.loads(raw.decode("utf-8"))
+                yield where, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 raise DataError(f"{where}: bytes that are not UTF-8; convert the file to UTF-8") from None
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one object "
-                                f'like {{"conversations": [...]}}') from None
-            if isinstance(record, dict) and "instruction" in record and "output" in record:
-                prompt = record["instruction"] + (("\n" + record["input"]) if record.get("input") else "")
-                record = {"conversations": [{"role": "user", "content": prompt},
-                                            {"role": "assistant", "content": record["output"]}]}
-            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-                raise DataError(f'{where}: no "conversations" list; each line must be '
-                                f'{{"conversations": [{{"role": ..., "content": ...}}, ...]}} '
-                                f'or alpaca {{"instruction", "input", "output"}}')
-            check_turns(record["conversations"], where)
-            yield {"conversations": record["conversations"], "family": record.get("family", "user"),
-                   "lang": record.get("lang", "")}
+                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one object {expected}") from None
+
+
+def read_conversations(path: str | Path) -> Iterator[dict]:
+    """Yield {"conversations": [...], "family": ..., "lang": ...} from a jsonl file.
+
+    Accepts {"conversations": [{"role", "content"}, ...]} and alpaca records
+    {"instruction", "input", "output"}. Bad lines stop with file:line and the fix.
+    """
+    for where, record in jsonl_records(path, 'like {"conversations": [...]}'):
+        if isinstance(record, dict) and "instruction" in record and "output" in record:
+            prompt = record["instruction"] + (("\n" + record["input"]) if record.get("input") else "")
+            record = {"conversations": [{"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": record["output"]}]}
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise DataError(f'{where}: no "conversations" list; each line must be '
+                            f'{{"conversations": [{{"role": ..., "content": ...}}, ...]}} '
+                            f'or alpaca {{"instruction", "input", "output"}}')
+        check_turns(record["conversations"], where)
+        yield {"conversations": record["conversations"], "family": record.get("family", "user"),
+               "lang": record.get("lang", "")}
 
 
 def check_turns(messages: list, where: str) -> None:
@@ -296,20 +300,9 @@ def preference_pair(record: dict, rejected_answer: str) -> dict:
 
 def read_preference_pairs(path: str | Path) -> Iterator[dict]:
     """Yield {"chosen": [...], "rejected": [...]} records; bad lines stop with file:line."""
-    path = Path(path)
-    check_data_file(path)
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise DataError(f"{where}: not valid UTF-8 JSON; each line must be "
-                                f'{{"chosen": [...messages], "rejected": [...messages]}}') from None
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in ("chosen", "rejected")):
-                raise DataError(f'{where}: needs "chosen" and "rejected" message lists')
-            check_turns(record["chosen"], where + " (chosen)")
-            check_turns(record["rejected"], where + " (rejected)")
-            yield record
+    for where, record in jsonl_records(path, 'like {"chosen": [...messages], "rejected": [...messages]}'):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in ("chosen", "rejected")):
+            raise DataError(f'{where}: needs "chosen" and "rejected" message lists')
+        check_turns(record["chosen"], where + " (chosen)")
+        check_turns(record["rejected"], where + " (rejected)")
+        yield record
