@@ -30,14 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.chat_data import (IGNORE_INDEX, collate, corpus_words, plausible_wrong_answer, preference_pair,
-                            read_conversations, read_preference_pairs, synthetic_names, write_jsonl)
+from data.chat_data import (DEFAULT_CHAT_DIR, IGNORE_INDEX, collate, default_words, plausible_wrong_answer,
+                            preference_pair, read_conversations, read_preference_pairs, synthetic_names,
+                            write_jsonl)
 from evaluation import exact_match_report, format_report, greedy_answers
 from tokenizer.chat import render_chat
-from training import (ROOT, TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
+from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
                       main_guard, parse_config, run_training, setup_runtime, write_metrics)
-
-DEFAULT_CHAT_DIR = ROOT / "data" / "default" / "chat"
 
 
 @dataclass
@@ -96,8 +95,11 @@ def encode_pairs(pairs: list[dict], tokenizer, block_size: int):
 
 
 @torch.no_grad()
-def reference_logprobs(model, encoded, batch_size: int, pad_id: int, device):
-    """log ref(answer) for every pair, computed once: the reference never changes. (N,) each."""
+def pair_logprobs(model, encoded, batch_size: int, pad_id: int, device):
+    """log p(chosen answer), log p(rejected answer) under `model` for every pair: (N,) each.
+
+    Used once for the reference (it never changes) and at each evaluation for the policy.
+    """
     chosen, rejected = [], []
     for start in range(0, len(encoded), batch_size):
         part = encoded[start:start + batch_size]
@@ -110,8 +112,7 @@ def reference_logprobs(model, encoded, batch_size: int, pad_id: int, device):
 def default_pairs(model, tokenizer, on_policy: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Training and held-out pairs from the chat tasks: plausible wrong answers + the model's own mistakes."""
     rng = random.Random(seed)
-    english = ROOT / "data" / "default" / "en_train.txt"
-    words, names = corpus_words(english.read_text(encoding="utf-8")), synthetic_names()
+    words, names = default_words(), synthetic_names()
     train_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_train.jsonl"))
     eval_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
 
@@ -153,8 +154,8 @@ def main(argv=None):
 
     # 2. the reference is the starting model: its log-probs are computed once, before training
     model.eval()
-    ref_train = reference_logprobs(model, train, cfg.batch_size, pad_id, rt.device)
-    ref_eval = reference_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
+    ref_train = pair_logprobs(model, train, cfg.batch_size, pad_id, rt.device)
+    ref_eval = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
     task_records = list(read_conversations(cfg.task_data or DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
     task_before = exact_match_report(model, tokenizer, task_records, cfg.max_new_tokens)
     print(f"before DPO: {format_report(task_before)}")
@@ -173,22 +174,11 @@ def main(argv=None):
         sft = -(pi_c / n_c.clamp(min=1)).mean()                               # mean NLL per chosen token
         return loss.mean() + cfg.sft_weight * sft
 
-    @torch.no_grad()
     def evaluate(model, max_tokens):
-        losses, margins = [], []
-        for start in range(0, len(held_out), cfg.batch_size):
-            part = held_out[start:start + cfg.batch_size]
-            xc, yc = collate([p[0] for p in part], pad_id)
-            xr, yr = collate([p[1] for p in part], pad_id)
-            pi_c, _ = answer_logprob(model, xc.to(rt.device), yc.to(rt.device))
-            pi_r, _ = answer_logprob(model, xr.to(rt.device), yr.to(rt.device))
-            sl = slice(start, start + len(part))
-            loss, margin = dpo_loss(pi_c.cpu(), pi_r.cpu(), ref_eval[0][sl], ref_eval[1][sl], cfg.beta)
-            losses.append(loss)
-            margins.append(margin)
-        margin = torch.cat(margins)
-        # the margin of each pair is beta * (its chosen-minus-rejected log-ratio), so accuracy = margin > 0
-        return {"val_loss": torch.cat(losses).mean().item(), "preference_accuracy": (margin > 0).float().mean().item(),
+        pi_chosen, pi_rejected = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
+        loss, margin = dpo_loss(pi_chosen, pi_rejected, *ref_eval, cfg.beta)
+        # a pair counts as preferred when its reward margin is positive
+        return {"val_loss": loss.mean().item(), "preference_accuracy": (margin > 0).float().mean().item(),
                 "reward_margin": margin.mean().item()}
 
     meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from, "beta": cfg.beta}

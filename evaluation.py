@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import IGNORE_INDEX, collate
+from data.chat_data import DEFAULT_CHAT_DIR, IGNORE_INDEX, collate
 from tokenizer.chat import render_chat
 from training import (ROOT, arg, atomic_write_text, load_checkpoint, load_checkpoint_tokenizer, main_guard,
                       parse_config, resolve_device)
 
-DEFAULT_EVAL_DATA = ROOT / "data" / "default" / "chat" / "sft_eval.jsonl"
+DEFAULT_EVAL_DATA = DEFAULT_CHAT_DIR / "sft_eval.jsonl"
 
 
 @torch.no_grad()

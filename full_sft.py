@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import build_default_chat_data, collate, encode_conversations, read_conversations
+from data.chat_data import (DEFAULT_CHAT_DIR, build_default_chat_data, collate, encode_conversations,
+                            read_conversations)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
-from training import (ROOT, TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
+from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
                       main_guard, parse_config, run_training, setup_runtime, write_metrics)
-
-DEFAULT_CHAT_DIR = ROOT / "data" / "default" / "chat"
 
 
 @dataclass
@@ -65,10 +64,7 @@ def main(argv=None):
     # 2. data: the default generated tasks unless files are given
     if not cfg.data or not cfg.eval_data:
         if rt.is_main:
-            english = ROOT / "data" / "default" / "en_train.txt"
-            if not english.exists():
-                raise FileNotFoundError(f"{english} not found: run `python pretrain.py` first (it builds the corpus)")
-            build_default_chat_data(DEFAULT_CHAT_DIR, english)
+            build_default_chat_data(DEFAULT_CHAT_DIR)
         if rt.distributed:
             torch.distributed.barrier()
     train_path = Path(cfg.data) if cfg.data else DEFAULT_CHAT_DIR / "sft_train.jsonl"

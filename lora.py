@@ -27,15 +27,13 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import (NEW_SKILL, collate, corpus_words, encode_conversations, generate_chat_data,
-                            read_conversations, write_jsonl)
+from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, collate, default_words, encode_conversations,
+                            generate_chat_data, read_conversations, write_jsonl)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from model import add_lora, lora_state_dict, merge_lora
-from training import (ADAPTER_CONFIG, ADAPTER_FILE, ROOT, TrainConfig, arg, atomic_save, atomic_write_text,
+from training import (ADAPTER_CONFIG, ADAPTER_FILE, TrainConfig, arg, atomic_save, atomic_write_text,
                       check_train_config, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer, main_guard,
                       parse_config, run_training, save_checkpoint, setup_runtime, weights_checksum, write_metrics)
-
-DEFAULT_CHAT_DIR = ROOT / "data" / "default" / "chat"
 
 
 @dataclass
@@ -74,14 +72,11 @@ def save_adapter(out_dir: Path, model, meta: dict, tokenizer=None):
     atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(meta, indent=2, default=str))
 
 
-def default_skill_data(english: Path, out_dir: Path) -> dict[str, Path]:
+def default_skill_data(out_dir: Path = DEFAULT_CHAT_DIR) -> dict[str, Path]:
     """The new skill ("which word comes first?"), never in the SFT data, with held-out words."""
     paths = {"train": out_dir / f"lora_{NEW_SKILL}_train.jsonl", "eval": out_dir / f"lora_{NEW_SKILL}_eval.jsonl"}
     if not all(p.exists() for p in paths.values()):
-        if not english.exists():
-            raise FileNotFoundError(f"{english} not found: run `python pretrain.py` first (it builds the corpus)")
-        words = corpus_words(english.read_text(encoding="utf-8"))
-        train, held_out = generate_chat_data(words, 5000, 50, seed=1, families=(NEW_SKILL,))
+        train, held_out = generate_chat_data(default_words(), 5000, 50, seed=1, families=(NEW_SKILL,))
         write_jsonl(paths["eval"], held_out)
         write_jsonl(paths["train"], train)
     return paths
@@ -104,9 +99,6 @@ def main(argv=None):
     cfg = parse_config(LoRAConfig, __doc__.split("\n\n")[0].strip(), argv)
     if cfg.merge:
         return merge_command(cfg)
-    if not cfg.overwrite and not cfg.resume and (Path(cfg.out_dir) / ADAPTER_FILE).exists():
-        raise ValueError(f"{cfg.out_dir}/ already holds an adapter: add --overwrite to train a new one, "
-                         f"or choose another --out_dir")
     check_train_config(cfg)
     rt = setup_runtime(cfg)
 
@@ -116,8 +108,7 @@ def main(argv=None):
     base_model_config, base_checksum = model.config.to_dict(), weights_checksum(model)
 
     # 2. data: the new skill, plus a replay of old skills, plus held-out sets for both
-    english = ROOT / "data" / "default" / "en_train.txt"
-    skill = default_skill_data(english, DEFAULT_CHAT_DIR) if not (cfg.data and cfg.eval_data) else {}
+    skill = default_skill_data() if not (cfg.data and cfg.eval_data) else {}
     train_path = Path(cfg.data) if cfg.data else skill["train"]
     eval_path = Path(cfg.eval_data) if cfg.eval_data else skill["eval"]
     old_eval_path = Path(cfg.old_eval_data) if cfg.old_eval_data else DEFAULT_CHAT_DIR / "sft_eval.jsonl"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data.corpus import build_default_corpus
-from data.pretrain_data import MixedBatches, TokenBin, check_data_file, prepare_dataset, read_documents
+from data.pretrain_data import MixedBatches, TokenBin, check_data_file, prepare_dataset, read_documents, token_dtype
 from model import GPT, ModelConfig
 from tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, train_tokenizer_on_files
 from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, check_train_config, load_checkpoint,
@@ -174,7 +174,7 @@ def main(argv=None):
         torch.distributed.barrier()
     if not rt.is_main:
         tokenizer, bin_dir, train_splits, val_splits = prepare_data(cfg, verbose=False)
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    dtype = token_dtype(tokenizer.vocab_size)
     train_bins = {name: TokenBin(bin_dir / f"{name}.bin", dtype) for name in train_splits}
     if len(train_bins) == 1:
         train_data = next(iter(train_bins.values()))

@@ -417,10 +417,11 @@ def load_adapted_model(adapter_dir: str | Path, device="cpu"):
                          f"use the base it was trained on")
     lora = config["lora"]
     add_lora(model, lora["target_modules"], lora["rank"], lora["alpha"])
-    missing = set(lora_state_dict(model)) - set(torch.load(adapter_dir / ADAPTER_FILE, weights_only=True))
+    adapter = torch.load(adapter_dir / ADAPTER_FILE, weights_only=True)
+    missing = set(lora_state_dict(model)) - set(adapter)
     if missing:
         raise ValueError(f"{adapter_dir / ADAPTER_FILE} lacks {len(missing)} adapter tensors: retrain it")
-    model.load_state_dict(torch.load(adapter_dir / ADAPTER_FILE, weights_only=True), strict=False)
+    model.load_state_dict(adapter, strict=False)
     return model.to(device), config
 
 
@@ -515,10 +516,11 @@ def check_train_config(cfg: TrainConfig):
         raise ValueError(f"need 0 <= --min_lr <= --lr and --lr > 0, got lr={cfg.lr}, min_lr={cfg.min_lr}")
     if cfg.time_budget < 0:
         raise ValueError(f"--time_budget must be >= 0 seconds (0 = off), got {cfg.time_budget}")
-    if not cfg.resume and not cfg.overwrite and (Path(cfg.out_dir) / WEIGHTS_FILE).exists():
-        # a fresh run would replace the trained model with step-0 weights: never do that silently
-        raise ValueError(f"{cfg.out_dir}/ already holds a trained model: add --resume to continue it, "
-                         f"--overwrite to start over, or choose another --out_dir")
+    for weights, what in ((WEIGHTS_FILE, "a trained model"), (ADAPTER_FILE, "an adapter")):
+        if not cfg.resume and not cfg.overwrite and (Path(cfg.out_dir) / weights).exists():
+            # a fresh run would replace the trained weights with step-0 ones: never do that silently
+            raise ValueError(f"{cfg.out_dir}/ already holds {what}: add --resume to continue it, "
+                             f"--overwrite to start over, or choose another --out_dir")
 
 
 def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable,

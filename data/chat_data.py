@@ -42,6 +42,8 @@ from tokenizer.chat import render_chat
 
 from .pretrain_data import DataError, check_data_file
 
+DEFAULT_DIR = Path(__file__).resolve().parent / "default"      # built by `python pretrain.py`
+DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
 IGNORE_INDEX = -100         # targets with this value add nothing to the loss (as model.IGNORE_INDEX)
 HELD_OUT_EVERY = 5           # 1 in 5 words / number pairs / names is only ever used for evaluation
 FAMILIES = ("repeat", "last", "recall", "identity", "add", "upper", "reverse")
@@ -83,6 +85,14 @@ def corpus_words(text: str, n: int = 3000) -> list[str]:
     """The n most frequent lower-case words of 3-8 letters: the vocabulary of the word tasks."""
     counts = Counter(re.findall(r"\b[a-z]{3,8}\b", text))
     return sorted(w for w, _ in counts.most_common(n))
+
+
+def default_words() -> list[str]:
+    """The word tasks' vocabulary, from the default English corpus (one clear line if it is missing)."""
+    english = DEFAULT_DIR / "en_train.txt"
+    if not english.exists():
+        raise FileNotFoundError(f"{english} not found: run `python pretrain.py` first (it builds the corpus)")
+    return corpus_words(english.read_text(encoding="utf-8"))
 
 
 def synthetic_names(n: int = 400) -> list[str]:
@@ -158,14 +168,14 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def build_default_chat_data(out_dir: Path, english_text_path: Path, n_train: int = 20000,
+def build_default_chat_data(out_dir: Path = DEFAULT_CHAT_DIR, n_train: int = 20000,
                             n_eval_per_family: int = 50, seed: int = 0, verbose: bool = True) -> dict[str, Path]:
     """Write out_dir/sft_train.jsonl and out_dir/sft_eval.jsonl unless they exist."""
     out_dir = Path(out_dir)
     paths = {"train": out_dir / "sft_train.jsonl", "eval": out_dir / "sft_eval.jsonl"}
     if all(p.exists() for p in paths.values()):
         return paths
-    words = corpus_words(Path(english_text_path).read_text(encoding="utf-8"))
+    words = default_words()
     train, held_out = generate_chat_data(words, n_train, n_eval_per_family, seed)
     write_jsonl(paths["eval"], held_out)
     write_jsonl(paths["train"], train)
