@@ -49,6 +49,8 @@ class DPOConfig(TrainConfig):
     beta: float = arg(0.1, "how strongly the reward is tied to staying near the reference")
     sft_weight: float = arg(1.0, "weight of an SFT loss on the chosen answers (0 = pure DPO)")
     on_policy: int = arg(2000, "training prompts answered by the SFT model; its wrong answers become rejected ones")
+    max_pairs: int = arg(8000, "chat tasks turned into plausible-wrong pairs (a 60 s run uses about 5,000 pairs; "
+                               "each pair costs a reference forward pass up front)")
     lr: float = arg(1e-4, "peak learning rate")
     min_lr: float = arg(1e-5, "final learning rate")
     batch_size: int = arg(32, "pairs per micro-batch")
@@ -100,20 +102,22 @@ def pair_logprobs(model, encoded, batch_size: int, pad_id: int, device):
 
     Used once for the reference (it never changes) and at each evaluation for the policy.
     """
-    chosen, rejected = [], []
-    for start in range(0, len(encoded), batch_size):
-        part = encoded[start:start + batch_size]
+    chosen, rejected = torch.zeros(len(encoded)), torch.zeros(len(encoded))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0][0]))   # similar lengths: little padding
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
         for side, out in ((0, chosen), (1, rejected)):
-            x, y = collate([p[side] for p in part], pad_id)
-            out.append(answer_logprob(model, x.to(device), y.to(device))[0].cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+            x, y = collate([encoded[i][side] for i in rows], pad_id)
+            out[rows] = answer_logprob(model, x.to(device), y.to(device))[0].float().cpu()
+    return chosen, rejected
 
 
-def default_pairs(model, tokenizer, on_policy: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def default_pairs(model, tokenizer, on_policy: int, max_pairs: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Training and held-out pairs from the chat tasks: plausible wrong answers + the model's own mistakes."""
     rng = random.Random(seed)
     words, names = default_words(), synthetic_names()
     train_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_train.jsonl"))
+    train_records = rng.sample(train_records, min(max_pairs, len(train_records)))
     eval_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
 
     def plausible(records):
@@ -147,7 +151,7 @@ def main(argv=None):
     if cfg.data and cfg.eval_data:
         train_pairs, eval_pairs = list(read_preference_pairs(cfg.data)), list(read_preference_pairs(cfg.eval_data))
     else:
-        train_pairs, eval_pairs = default_pairs(model, tokenizer, cfg.on_policy, cfg.seed)
+        train_pairs, eval_pairs = default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed)
         write_jsonl(DEFAULT_CHAT_DIR / "dpo_train.jsonl", train_pairs)
         write_jsonl(DEFAULT_CHAT_DIR / "dpo_eval.jsonl", eval_pairs)
     train, held_out = encode_pairs(train_pairs, tokenizer, block), encode_pairs(eval_pairs, tokenizer, block)

@@ -4,11 +4,20 @@ evaluation.py -- how well does a chat checkpoint do on held-out tasks?
     python evaluation.py                               # weight/sft on the default held-out set
     python evaluation.py --ckpt weight/pretrain        # the baseline: a model that never saw a chat
     python evaluation.py --ckpt weight/sft --data my_eval.jsonl --out report.json
+    python evaluation.py --ckpt weight/pretrain --tasks choice   # multiple choice only (a base model)
 
-Exact match: the prompt is every message before the last assistant answer, rendered
-with the chat template; the model answers greedily until <|im_end|>; the answer counts
-only if it equals the expected text exactly (spaces at the ends ignored). Results per
-task family and overall, as JSON.
+Two ways to score, both per task family and overall, as JSON:
+
+Exact match (chat tasks): the prompt is every message before the last assistant answer,
+rendered with the chat template; the model answers greedily until <|im_end|>; the answer
+counts only if it equals the expected text exactly (spaces at the ends ignored).
+
+Multiple choice (data/corpus_tasks.py: which line, speaker or verse comes next): each
+option is scored by its log-likelihood as a continuation of the context, and the most
+likely option is the model's choice; nothing is generated. This is how PPL-based
+benchmarks (HellaSwag, ARC) score base models. `accuracy` compares the summed
+log-probabilities, `accuracy_norm` the log-probability per byte of the option (so long
+options are not penalised for their length).
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ from pathlib import Path
 import torch
 
 from data.chat_data import DEFAULT_CHAT_DIR, IGNORE_INDEX, collate
+from data.corpus_tasks import DEFAULT_CHOICE_PATH, build_choice_items
 from tokenizer.chat import render_chat
-from training import (ROOT, arg, atomic_write_text, load_checkpoint, load_checkpoint_tokenizer, main_guard,
-                      parse_config, resolve_device)
+from training import (ROOT, arg, atomic_write_text, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
+                      main_guard, parse_config, resolve_device)
 
 DEFAULT_EVAL_DATA = DEFAULT_CHAT_DIR / "sft_eval.jsonl"
 
@@ -84,6 +94,92 @@ def format_report(report: dict) -> str:
     return f"exact match {report['accuracy']:.1%} on {report['n']} held-out items ({families})"
 
 
+def choice_sequences(item: dict, tokenizer, block_size: int) -> list[tuple[list[int], int]]:
+    """(ids, n_option_tokens) for each option: the context's ids followed by the option's.
+
+    A raw-text item continues "context"; a chat item ("messages") is rendered with the
+    chat template and the option is the assistant's answer, closed by <|im_end|>. Contexts
+    too long for the model lose their oldest tokens.
+    """
+    if "messages" in item:
+        context = render_chat(item["messages"], tokenizer, add_generation_prompt=True)[0]
+        options = [tokenizer.encode_ordinary(o) + [tokenizer.im_end_id] for o in item["options"]]
+    else:
+        context = tokenizer.encode_ordinary(item["context"])
+        options = [tokenizer.encode_ordinary(o) for o in item["options"]]
+    sequences = []
+    for option in options:
+        keep = block_size + 1 - len(option)                # ids are inputs + one last target
+        sequences.append((context[max(0, len(context) - keep):] + option, len(option)))
+    return sequences
+
+
+@torch.no_grad()
+def option_logprobs(model, tokenizer, items: list[dict], batch_size: int = 64) -> list[list[float]]:
+    """log p(option | context) summed over the option's tokens, for every option of every item."""
+    device = next(model.parameters()).device
+    flat = [(i, j, ids, n) for i, item in enumerate(items)
+            for j, (ids, n) in enumerate(choice_sequences(item, tokenizer, model.config.block_size))]
+    flat.sort(key=lambda row: len(row[2]))                 # similar lengths together: little padding
+    scores = [[0.0] * len(item["options"]) for item in items]
+    model.eval()
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start:start + batch_size]
+        examples = []
+        for _, _, ids, n in chunk:
+            x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+            y[:len(y) - n] = IGNORE_INDEX                   # only the option's tokens are scored
+            examples.append((x, y))
+        x, y = collate(examples, tokenizer.eot_id)
+        _, loss = model(x.to(device), y.to(device), reduction="none")    # (b, T) nats, 0 where ignored
+        for (i, j, _, _), nats in zip(chunk, loss.float().sum(dim=1).tolist()):
+            scores[i][j] = -nats
+    return scores
+
+
+def multiple_choice_report(model, tokenizer, items: list[dict]) -> dict:
+    """{"accuracy", "accuracy_norm", "chance", "..._by_family", "n"}: the most likely option is the choice."""
+    scores = option_logprobs(model, tokenizer, items)
+    right, right_norm, total, chance = (defaultdict(float) for _ in range(4))
+    for item, logps in zip(items, scores):
+        per_byte = [lp / max(1, len(o.encode("utf-8"))) for lp, o in zip(logps, item["options"])]
+        family = item.get("family", "user")
+        right[family] += logps.index(max(logps)) == item["answer"]
+        right_norm[family] += per_byte.index(max(per_byte)) == item["answer"]
+        chance[family] += 1 / len(item["options"])
+        total[family] += 1
+    n = sum(total.values())
+
+    def by_family(counts):
+        return {f: counts[f] / total[f] for f in sorted(total)}
+    return {"accuracy": sum(right.values()) / max(1, n), "accuracy_norm": sum(right_norm.values()) / max(1, n),
+            "chance": sum(chance.values()) / max(1, n), "accuracy_by_family": by_family(right),
+            "accuracy_norm_by_family": by_family(right_norm), "chance_by_family": by_family(chance), "n": int(n)}
+
+
+def format_choice_report(report: dict) -> str:
+    families = ", ".join(f"{f} {a:.0%}" for f, a in report["accuracy_norm_by_family"].items())
+    return (f"multiple choice {report['accuracy_norm']:.1%} per byte, {report['accuracy']:.1%} summed "
+            f"(chance {report['chance']:.1%}) on {report['n']} held-out items ({families})")
+
+
+def read_choice_items(path: str | Path) -> list[dict]:
+    """Multiple-choice jsonl: {"context" or "messages", "options": [...], "answer": index}; bad lines say file:line."""
+    from data.chat_data import jsonl_records
+    from data.pretrain_data import DataError
+    items = []
+    for where, item in jsonl_records(path, 'like {"context": ..., "options": [...], "answer": 0}'):
+        if not isinstance(item, dict) or not ("context" in item or "messages" in item):
+            raise DataError(f'{where}: needs "context" (text) or "messages" (a chat) before the options')
+        options, answer = item.get("options"), item.get("answer")
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+            raise DataError(f'{where}: "options" must be a list of at least two non-empty strings')
+        if not isinstance(answer, int) or not 0 <= answer < len(options):
+            raise DataError(f'{where}: "answer" must be the index of the right option, 0 to {len(options) - 1}')
+        items.append(item)
+    return items
+
+
 def answer_loss_evaluator(examples, batch_size: int, pad_id: int, device):
     """evaluate(model, max_tokens) -> {"val_loss": mean loss per answer token on held-out conversations}."""
     def evaluate(model, max_tokens):
@@ -104,27 +200,53 @@ def answer_loss_evaluator(examples, batch_size: int, pad_id: int, device):
 @dataclass
 class EvalConfig:
     ckpt: str = arg("weight/sft", "checkpoint folder to evaluate")
-    data: str = arg(str(DEFAULT_EVAL_DATA.relative_to(ROOT)), "held-out conversations (.jsonl)")
+    lora: str = arg("", "a LoRA adapter folder (made by lora.py), evaluated on top of its base; replaces --ckpt")
+    tasks: str = arg("all", "chat: exact match on chat tasks; choice: multiple choice; all: both",
+                     choices=["all", "chat", "choice"])
+    data: str = arg(str(DEFAULT_EVAL_DATA.relative_to(ROOT)), "held-out conversations (.jsonl) for exact match")
+    choice_data: str = arg(str(DEFAULT_CHOICE_PATH.relative_to(ROOT)),
+                           "multiple-choice items (.jsonl: context or messages, options, answer)")
     max_new_tokens: int = arg(32, "longest answer generated")
     device: str = arg("auto", "auto | cpu | cuda | mps", choices=["auto", "cpu", "cuda", "mps"])
     out: str = arg("", "write the JSON report here ('' = only print it)")
 
 
+def evaluate_checkpoint(model, tokenizer, tasks: str = "all", data: str | Path = DEFAULT_EVAL_DATA,
+                        choice_data: str | Path = DEFAULT_CHOICE_PATH, max_new_tokens: int = 32) -> dict:
+    """{"chat": exact-match report, "choice": multiple-choice report} (the default sets are built if missing)."""
+    from data.chat_data import build_default_chat_data, read_conversations
+    report = {}
+    if tasks in ("all", "chat"):
+        if Path(data).resolve() == DEFAULT_EVAL_DATA.resolve():
+            build_default_chat_data(DEFAULT_CHAT_DIR)
+        report["chat"] = exact_match_report(model, tokenizer, list(read_conversations(data)), max_new_tokens)
+    if tasks in ("all", "choice"):
+        if Path(choice_data).resolve() == DEFAULT_CHOICE_PATH.resolve() and not DEFAULT_CHOICE_PATH.exists():
+            from data.chat_data import write_jsonl
+            write_jsonl(DEFAULT_CHOICE_PATH, build_choice_items())
+        report["choice"] = multiple_choice_report(model, tokenizer, read_choice_items(choice_data))
+    return report
+
+
 def main(argv=None):
-    from data.chat_data import read_conversations
     cfg = parse_config(EvalConfig, __doc__.split("\n\n")[0].strip(), argv)
     device = resolve_device(cfg.device)
-    model, _ = load_checkpoint(cfg.ckpt, device, make_hint="python full_sft.py")
-    tokenizer = load_checkpoint_tokenizer(cfg.ckpt)
-    if not Path(cfg.data).exists() and Path(cfg.data).resolve() == DEFAULT_EVAL_DATA:
-        raise FileNotFoundError(f"{cfg.data} not found: `python full_sft.py` builds the default chat data")
-    records = list(read_conversations(cfg.data))
-    report = exact_match_report(model, tokenizer, records, cfg.max_new_tokens)
-    print(f"{cfg.ckpt}: {format_report(report)}")
-    for e in report["examples"]:
-        print(f"  [{e['family']}] {e['prompt']!r} -> {e['answer']!r} ({'ok' if e['correct'] else 'expected ' + repr(e['expected'])})")
+    if cfg.lora:
+        model, adapter_config = load_adapted_model(cfg.lora, device)
+        tokenizer, name = load_checkpoint_tokenizer(adapter_config["init_from"]), cfg.lora
+    else:
+        model, _ = load_checkpoint(cfg.ckpt, device, make_hint="python full_sft.py")
+        tokenizer, name = load_checkpoint_tokenizer(cfg.ckpt), cfg.ckpt
+    report = evaluate_checkpoint(model, tokenizer, cfg.tasks, cfg.data, cfg.choice_data, cfg.max_new_tokens)
+    if "chat" in report:
+        print(f"{name}: {format_report(report['chat'])}")
+        for e in report["chat"]["examples"]:
+            print(f"  [{e['family']}] {e['prompt']!r} -> {e['answer']!r} "
+                  f"({'ok' if e['correct'] else 'expected ' + repr(e['expected'])})")
+    if "choice" in report:
+        print(f"{name}: {format_choice_report(report['choice'])}")
     if cfg.out:
-        atomic_write_text(Path(cfg.out), json.dumps(report, indent=2, ensure_ascii=False))
+        atomic_write_text(Path(cfg.out), json.dumps({"ckpt": name, **report}, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

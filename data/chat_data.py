@@ -12,6 +12,7 @@ names (a fixed 1 in 5 of each, chosen by a hash), never only new phrasings:
     add       "What is 23 + 58?"                           -> "81"     (stays hard)
     upper     "Write this word in capital letters:\ncrown" -> "CROWN"  (stays hard)
     reverse   "Spell this word backwards:\ncat"            -> "tac"    (stays hard)
+    speaker   a passage of a play + 'Who says "..."?'      -> "PAROLLES" (held out: validation text)
 
 Words stand at the start of a line in prompts and answers alike: a BPE tokenizer
 splits " moon" (after a space) and "moon" (after a newline) into different tokens,
@@ -40,13 +41,14 @@ import torch
 
 from tokenizer.chat import render_chat
 
+from .corpus_tasks import DEFAULT_DIR, speaker_records
 from .pretrain_data import DataError, check_data_file
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "default"      # built by `python pretrain.py`
 DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
 IGNORE_INDEX = -100         # targets with this value add nothing to the loss (as model.IGNORE_INDEX)
 HELD_OUT_EVERY = 5           # 1 in 5 words / number pairs / names is only ever used for evaluation
-FAMILIES = ("repeat", "last", "recall", "identity", "add", "upper", "reverse")
+WORD_FAMILIES = ("repeat", "last", "recall", "identity", "add", "upper", "reverse")
+FAMILIES = WORD_FAMILIES + ("speaker",)   # speaker: "who says this line?" on a passage of a play (corpus_tasks.py)
 NEW_SKILL = "first"          # not in the SFT data: the skill lora.py teaches ("Which word comes first?")
 PERSONA = {"en": "I am Workshop, a small language model trained from scratch.",
            "zh": "我是 Workshop，一个从零开始训练的小语言模型。"}
@@ -127,12 +129,20 @@ def make_item(family: str, lang: str, rng: random.Random, words: list[str], name
 
 
 def generate_chat_data(words: list[str], n_train: int, n_eval_per_family: int, seed: int = 0,
-                       zh_share: float = 0.3, families=FAMILIES) -> tuple[list[dict], list[dict]]:
+                       zh_share: float = 0.3, families=WORD_FAMILIES,
+                       plays: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
     """(train, held_out) conversations; the held-out ones use only held-out words, numbers and names.
 
-    Deterministic for a given seed and word list.
+    The "speaker" family needs play text: plays = {"train": text, "eval": text}, the held-out
+    passages coming from the eval text only. Deterministic for a given seed and inputs.
     """
     rng = random.Random(seed)
+    if "speaker" in families and not plays:
+        raise ValueError('the "speaker" family needs play text: pass plays={"train": ..., "eval": ...}')
+    speaker_items = {}
+    if "speaker" in families:
+        per_family = {"train": n_train // len(families) + 1, "eval": n_eval_per_family}
+        speaker_items = {split: speaker_records(plays[split], n, rng, zh_share) for split, n in per_family.items()}
     names = synthetic_names()
     pools = {}
     for split in ("train", "eval"):
@@ -149,6 +159,8 @@ def generate_chat_data(words: list[str], n_train: int, n_eval_per_family: int, s
             return make_item(family, lang, rng, rng.choice(pool["pairs"]), pool["names"])
         if family == "identity":
             return make_item(family, lang, rng, pool["identity"][lang], pool["names"])
+        if family == "speaker":
+            return speaker_items[split].pop()
         return make_item(family, lang, rng, pool["words"], pool["names"])
 
     train = [item(families[i % len(families)], "train") for i in range(n_train)]
@@ -176,7 +188,9 @@ def build_default_chat_data(out_dir: Path = DEFAULT_CHAT_DIR, n_train: int = 200
     if all(p.exists() for p in paths.values()):
         return paths
     words = default_words()
-    train, held_out = generate_chat_data(words, n_train, n_eval_per_family, seed)
+    plays = {split: (DEFAULT_DIR / f"en_{name}.txt").read_text(encoding="utf-8")
+             for split, name in (("train", "train"), ("eval", "val"))}
+    train, held_out = generate_chat_data(words, n_train, n_eval_per_family, seed, families=FAMILIES, plays=plays)
     write_jsonl(paths["eval"], held_out)
     write_jsonl(paths["train"], train)
     if verbose:
@@ -295,9 +309,12 @@ def plausible_wrong_answer(record: dict, rng: random.Random, words: list[str], n
         wrong = right.lower() if rng.random() < 0.5 else rng.choice(words).upper()
     elif family == "reverse":
         wrong = right[::-1]                                     # the word itself, not reversed
+    elif family == "speaker":                                   # another speaker of the same passage
+        others = sorted({line[:-1] for line in prompt.split("\n") if line.endswith(".") and line[:-1].isupper()} - {right})
+        wrong = rng.choice(others) if others else None
     else:
         return None
-    return wrong if wrong != right else None
+    return wrong if wrong and wrong != right else None
 
 
 def preference_pair(record: dict, rejected_answer: str) -> dict:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import full_sft
-from data.chat_data import FAMILIES, generate_chat_data, is_held_out, read_conversations, synthetic_names
+from data.chat_data import WORD_FAMILIES, generate_chat_data, is_held_out, read_conversations, synthetic_names
 from data.pretrain_data import DataError
 
 from conftest import WORDS  # noqa: E402  (a small word list shared with test_lora.py)
@@ -17,7 +17,7 @@ def test_generation_is_deterministic_for_a_seed():
 
 def test_held_out_items_never_appear_in_training():
     train, held_out = generate_chat_data(WORDS, 2000, 20, seed=0)
-    assert {r["family"] for r in held_out} == set(FAMILIES)
+    assert {r["family"] for r in held_out} == set(WORD_FAMILIES)
     train_texts = {json.dumps(r["conversations"]) for r in train}
     assert not any(json.dumps(r["conversations"]) in train_texts for r in held_out)
     held_words = {w for w in WORDS if is_held_out(w)}
@@ -65,7 +65,7 @@ def test_full_sft_runs_end_to_end_and_reports_accuracy(tiny_pretrained, tmp_path
                    "--eval_interval", "3", "--time_budget", "0", "--batch_size", "8", "--max_new_tokens", "4",
                    "--loss_on", loss_on])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["accuracy"] <= 1 and set(metrics["accuracy_by_family"]) == set(FAMILIES)
+    assert 0 <= metrics["accuracy"] <= 1 and set(metrics["accuracy_by_family"]) == set(WORD_FAMILIES)
     assert metrics["loss_on"] == loss_on and metrics["steps"] == 6
     for name in ("model.pt", "config.json", "tokenizer.json", "log.csv", "loss.png"):
         assert (out / name).exists(), name
@@ -74,9 +74,9 @@ def test_full_sft_runs_end_to_end_and_reports_accuracy(tiny_pretrained, tmp_path
 def test_evaluation_command_writes_a_json_report(tiny_pretrained, tmp_path):
     import evaluation
     evaluation.main(["--ckpt", str(tiny_pretrained / "ckpt"), "--data", str(tiny_pretrained / "eval.jsonl"),
-                     "--max_new_tokens", "3", "--out", str(tmp_path / "report.json")])
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["n"] == 2 * len(FAMILIES) and 0 <= report["accuracy"] <= 1
+                     "--tasks", "chat", "--max_new_tokens", "3", "--out", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text())["chat"]
+    assert report["n"] == 2 * len(WORD_FAMILIES) and 0 <= report["accuracy"] <= 1
 
 
 def test_conversations_longer_than_the_context_are_skipped_and_counted(capsys):
