@@ -170,13 +170,16 @@ def main(argv=None):
         xr, yr = collate([train[i][1] for i in rows.tolist()], pad_id)
         return xc, yc, xr, yr, ref_train[0][rows], ref_train[1][rows]
 
-    def compute_loss(model, batch):
+    def compute_loss(policy, batch):
         xc, yc, xr, yr, ref_c, ref_r = batch
-        pi_c, n_c = answer_logprob(model, xc, yc)
-        pi_r, _ = answer_logprob(model, xr, yr)
+        pi_c, n_c = answer_logprob(policy, xc, yc)
+        pi_r, _ = answer_logprob(policy, xr, yr)
         loss, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta)
         sft = -(pi_c / n_c.clamp(min=1)).mean()                               # mean NLL per chosen token
-        return loss.mean() + cfg.sft_weight * sft
+        total = loss.mean() + cfg.sft_weight * sft
+        if model.config.n_experts:       # Mixture of Experts: keep the experts evenly loaded, as in pretraining
+            total = total + model.config.aux_loss_coef * model.moe_aux_loss()
+        return total
 
     def evaluate(model, max_tokens):
         pi_chosen, pi_rejected = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)

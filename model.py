@@ -51,6 +51,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    # Mixture-of-Experts feed-forward (n_experts = 0: the dense feed-forward above)
+    n_experts: int = 0                # routed experts per block
+    top_k: int = 2                    # experts each token is sent to
+    n_shared_experts: int = 0         # experts every token always goes through (DeepSeek-style)
+    expert_hidden: Optional[int] = None   # width of one expert; None = ffn_hidden / (top_k + n_shared_experts)
+    aux_loss_coef: float = 0.01       # weight of the load-balancing loss added to the training loss
+    capacity_factor: float = 0.0      # > 0: an expert takes at most this x its fair share of tokens (extra ones dropped, counted)
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
@@ -65,6 +72,9 @@ class ModelConfig:
                 self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
             else:
                 self.ffn_hidden = 4 * self.n_embd
+        if self.n_experts and self.expert_hidden is None:
+            # equal active parameters: the experts a token uses are together as wide as the dense ffn
+            self.expert_hidden = max(8, self.ffn_hidden // (self.top_k + self.n_shared_experts))
         self.validate()
 
     def validate(self):
@@ -78,6 +88,13 @@ class ModelConfig:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
                              f"each key/value head must serve the same number of query heads")
+        if self.n_experts < 0 or self.n_shared_experts < 0:
+            raise ValueError("n_experts and n_shared_experts must be >= 0")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}: "
+                             f"each token picks top_k of the experts")
+        if self.capacity_factor < 0:
+            raise ValueError(f"capacity_factor must be >= 0 (0 = no limit), got {self.capacity_factor}")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.n_embd // self.n_head}: change n_embd or n_head")
         for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
@@ -224,13 +241,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """GELU MLP: W2 gelu(W1 x).   SwiGLU: W2 (silu(Wg x) * W1 x)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hidden: Optional[int] = None):
         super().__init__()
+        hidden = hidden or config.ffn_hidden
         self.swiglu = config.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
-        self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
-        self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+            self.gate_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -242,9 +260,89 @@ class FeedForward(nn.Module):
         return self.dropout(self.down_proj(h))
 
 
+class MoEFeedForward(nn.Module):
+    """Mixture of Experts: a router sends each token to its top_k experts (small feed-forwards).
+
+        p = softmax(W_router x)                      (E,)  one probability per expert
+        y = sum over the top_k experts e of  (p_e / sum of the top_k p) * expert_e(x)
+            + sum over the shared experts s of  expert_s(x)
+
+    Only top_k of the E experts run for a token, so the model has E/top_k times the
+    feed-forward parameters of a dense model with the same compute per token.
+
+    The load-balancing loss (Switch Transformer) is E * sum_e f_e * P_e, with f_e the
+    share of routed slots that went to expert e and P_e its mean router probability:
+    1.0 when routing is uniform, up to E when one expert takes everything.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config, config.expert_hidden) for _ in range(config.n_experts))
+        self.shared_experts = nn.ModuleList(FeedForward(config, config.expert_hidden)
+                                            for _ in range(config.n_shared_experts))
+        self.aux_loss = torch.zeros(())          # of the last forward pass (part of the training loss)
+        self.reset_stats()
+
+    def reset_stats(self):
+        """Running totals for logging: routed slots per expert, aux loss, dropped tokens."""
+        self.stat_load = torch.zeros(self.n_experts)
+        self.stat_aux, self.stat_calls, self.stat_dropped, self.stat_slots = 0.0, 0, 0, 0
+
+    def route(self, x: torch.Tensor):
+        """x (N, C) -> top-k expert ids (N, k), their renormalised weights (N, k), router probs (N, E)."""
+        probs = self.router(x).float().softmax(dim=-1)                 # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)              # (N, k) each
+        weights = weights / weights.sum(dim=-1, keepdim=True)          # the chosen experts' weights sum to 1
+        return experts, weights, probs
+
+    def forward(self, x):
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)                                         # (N, C), N = B*T tokens
+        experts, weights, probs = self.route(flat)
+        slot_expert = experts.reshape(-1)                               # (N*k,) the expert of each routed slot
+        slot_weight = weights.reshape(-1)                               # (N*k,)
+        slot_token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(self.top_k)  # (N*k,)
+
+        # group the slots by expert (a stable sort), then run each expert once on all of its tokens
+        order = torch.argsort(slot_expert, stable=True)
+        counts = torch.bincount(slot_expert, minlength=self.n_experts)     # (E,)
+        capacity = math.ceil(self.capacity_factor * slot_expert.numel() / self.n_experts) \
+            if self.capacity_factor > 0 else None
+        out = torch.zeros_like(flat)
+        dropped, start = 0, 0
+        for e, n in enumerate(counts.tolist()):                         # a loop over experts, never over tokens
+            slots = order[start:start + n]
+            start += n
+            if capacity is not None and n > capacity:                   # over capacity: the last ones are dropped
+                dropped += n - capacity
+                slots = slots[:capacity]
+            if slots.numel() == 0:
+                continue
+            tokens = slot_token[slots]
+            y = self.experts[e](flat[tokens]) * slot_weight[slots].unsqueeze(1).to(flat.dtype)   # (n, C)
+            out.index_add_(0, tokens, y.to(out.dtype))
+        for shared in self.shared_experts:
+            out = out + shared(flat)
+
+        # load balancing: fraction of slots per expert (f) times mean router probability (P)
+        f = counts.float() / slot_expert.numel()                         # (E,)
+        P = probs.mean(dim=0)                                           # (E,)
+        self.aux_loss = self.n_experts * (f * P).sum()
+        with torch.no_grad():                                          # for logging only
+            self.stat_load = self.stat_load.to(counts.device) + counts
+            self.stat_aux = self.stat_aux + self.aux_loss.detach()
+            self.stat_calls += 1
+            self.stat_dropped += dropped
+            self.stat_slots += slot_expert.numel()
+        return out.view(B, T, C)
+
+
 def make_feed_forward(config: ModelConfig) -> nn.Module:
-    """The one place a block's feed-forward is chosen (a Mixture-of-Experts plugs in here)."""
-    return FeedForward(config)
+    """The one place a block's feed-forward is chosen: dense, or a Mixture of Experts."""
+    return MoEFeedForward(config) if config.n_experts else FeedForward(config)
 
 
 class Block(nn.Module):
@@ -300,24 +398,33 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (tied weights once); non_embedding drops token/position tables."""
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Parameter count (tied weights once); non_embedding drops token/position tables;
+        active counts only the experts one token uses (top_k of n_experts, plus the shared ones)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
             if hasattr(self, "pos_emb"):
                 n -= self.pos_emb.weight.numel()
+        if active:
+            for moe in self.moe_layers():
+                per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+                n -= (moe.n_experts - moe.top_k) * per_expert
         return n
 
     def summary(self) -> str:
         """A short, human-readable description of the architecture."""
         c = self.config
         attn = f"{c.n_head} heads" + (f" / {c.n_kv_head} kv heads (GQA)" if c.n_kv_head != c.n_head else "")
+        ffn = f"{c.mlp} ffn {c.ffn_hidden}"
+        if c.n_experts:
+            shared = f" + {c.n_shared_experts} shared" if c.n_shared_experts else ""
+            ffn = (f"MoE: top {c.top_k} of {c.n_experts} {c.mlp} experts{shared} of width {c.expert_hidden} "
+                   f"({self.num_params(active=True) / 1e6:.2f}M params active per token)")
         return (f"GPT[{c.flavour}] {self.num_params() / 1e6:.2f}M params "
                 f"({self.num_params(non_embedding=True) / 1e6:.2f}M non-embedding): "
                 f"{c.n_layer} layers x {c.n_embd} wide, {attn}, head_dim {c.head_dim}, "
-                f"{c.position} positions, {c.norm}, {c.mlp} ffn {c.ffn_hidden}, "
-                f"context {c.block_size}, vocab {c.vocab_size}"
+                f"{c.position} positions, {c.norm}, {ffn}, context {c.block_size}, vocab {c.vocab_size}"
                 f"{', tied embeddings' if c.tie_embeddings else ''}")
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
@@ -352,7 +459,33 @@ class GPT(nn.Module):
                                ignore_index=IGNORE_INDEX, reduction=reduction)
         if reduction == "none":
             loss = loss.view(B, T)
+        elif self.training and self.config.n_experts:
+            loss = loss + self.config.aux_loss_coef * self.moe_aux_loss()   # keep the experts evenly loaded
         return logits, loss
+
+    # ------------------------------------------------------------------ Mixture of Experts
+
+    def moe_layers(self) -> list:
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Mean load-balancing loss of the last forward pass over the MoE blocks (0 for a dense model)."""
+        layers = self.moe_layers()
+        return sum(m.aux_loss for m in layers) / len(layers) if layers else torch.zeros(())
+
+    def moe_stats(self, reset: bool = True) -> dict:
+        """Routing since the last reset: mean aux loss, share of routed slots per expert (all layers), dropped share."""
+        layers = self.moe_layers()
+        if not layers or not sum(m.stat_calls for m in layers):
+            return {}
+        load = sum(m.stat_load.float().cpu() for m in layers)
+        stats = {"moe_aux_loss": sum(float(m.stat_aux) / max(1, m.stat_calls) for m in layers) / len(layers),
+                 "expert_share": (load / load.sum()).tolist(),
+                 "dropped_share": sum(m.stat_dropped for m in layers) / max(1, sum(m.stat_slots for m in layers))}
+        if reset:
+            for m in layers:
+                m.reset_stats()
+        return stats
 
     # ------------------------------------------------------------------ generation
 

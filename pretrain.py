@@ -53,6 +53,13 @@ class PretrainConfig(TrainConfig):
     n_embd: int = arg(192, "embedding width")
     block_size: int = arg(256, "context length in tokens")
     dropout: float = arg(0.0, "dropout probability")
+    # Mixture of Experts (see model.MoEFeedForward); 0 experts = the dense feed-forward
+    n_experts: int = arg(0, "routed experts per block (0 = a dense feed-forward)")
+    top_k: int = arg(2, "experts each token is sent to")
+    n_shared_experts: int = arg(0, "experts every token always uses")
+    expert_hidden: int = arg(0, "width of one expert (0 = ffn width / (top_k + shared): equal active parameters)")
+    aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
+    capacity_factor: float = arg(0.0, "an expert takes at most this x its fair share of tokens (0 = no limit)")
     # training (defaults chosen for a 2-core CPU and a ~5 minute run)
     out_dir: str = arg("weight/pretrain", "output folder")
     max_steps: int = arg(600, "optimizer steps (at most: the time budget usually ends the run first)")
@@ -89,7 +96,9 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
     """The model the flags describe (ModelConfig checks it: one clear line if impossible)."""
     return ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                        n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or None, n_embd=cfg.n_embd,
-                       flavour=cfg.flavour, dropout=cfg.dropout)
+                       flavour=cfg.flavour, dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k,
+                       n_shared_experts=cfg.n_shared_experts, expert_hidden=cfg.expert_hidden or None,
+                       aux_loss_coef=cfg.aux_loss_coef, capacity_factor=cfg.capacity_factor)
 
 
 def prepare_data(cfg: PretrainConfig, verbose: bool):

@@ -106,11 +106,12 @@ def parse_config(cls, description: str, argv=None, presets: Optional[dict[str, d
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         value_type = meta.pop("type", type(f.default))
+        nargs = meta.pop("nargs", None)          # "*" or "+": a list of values (--target_modules q_proj v_proj)
         if value_type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                 default=f.default, help=help_text)
-        elif meta.pop("nargs", None) == "*":
-            parser.add_argument(f"--{f.name}", nargs="*", default=f.default, help=help_text, **meta)
+        elif nargs:
+            parser.add_argument(f"--{f.name}", nargs=nargs, type=value_type, default=f.default, help=help_text, **meta)
         else:
             parser.add_argument(f"--{f.name}", type=value_type, default=f.default, help=help_text, **meta)
     args = parser.parse_args(argv)
@@ -482,7 +483,11 @@ def plot_log(csv_path: Path, png_path: Path, title: str):
         pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return zip(*pts) if pts else ((), ())
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    experts = [c for c in (rows[0] if rows else {}) if c.startswith("expert_")]
+    if experts:   # Mixture of Experts: a second panel with each expert's share of the routed tokens
+        fig, (ax, ax_moe) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*series("train_loss"), label="train loss", alpha=0.7)
     ax.plot(*series("val_loss"), "o-", label="val loss")
     ax.set_xlabel("step")
@@ -496,6 +501,14 @@ def plot_log(csv_path: Path, png_path: Path, title: str):
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
     ax.set_title(title)
+    if experts:
+        for column in experts:
+            ax_moe.plot(*series(column), ".-", label=column.replace("_", " "), alpha=0.8)
+        ax_moe.axhline(1 / len(experts), color="gray", ls="--", lw=1, label="balanced")
+        ax_moe.set_xlabel("step")
+        ax_moe.set_ylabel("share of routed tokens")
+        ax_moe.grid(alpha=0.3)
+        ax_moe.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     tmp = png_path.with_name("tmp-" + png_path.name)
     fig.savefig(tmp, dpi=100)
@@ -575,7 +588,10 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
         train_model = DistributedDataParallel(train_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
     tokens_per_step = None
-    log = CsvLog(out_dir / LOG_FILE, resume_step=state["step"] if cfg.resume else None) if rt.is_main else None
+    n_experts = model.config.n_experts               # MoE: log each expert's share of the routed tokens
+    expert_columns = [f"expert_{e}" for e in range(n_experts)] + ["moe_aux_loss"] * bool(n_experts)
+    log = CsvLog(out_dir / LOG_FILE, resume_step=state["step"] if cfg.resume else None,
+                 extra_columns=expert_columns) if rt.is_main else None
     meta = {**meta, "stage": stage, "train": dataclasses.asdict(cfg)}
 
     def eval_and_checkpoint(step: int):
@@ -583,11 +599,19 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
         batch_rng_states = gather_rng_states(batch_rng, rt)   # every process takes part
         if not rt.is_main:
             return None
+        routing = model.moe_stats()          # MoE: how the training steps since the last eval routed tokens
         model.eval()
         with torch.no_grad(), rt.autocast():
             metrics = evaluate(model, cfg.eval_tokens)
         model.train()
-        log.write(step=step, tokens=state["tokens"], seconds=state["seconds"], **metrics)
+        model.moe_stats()                    # forget the evaluation's own routing
+        if routing:
+            metrics["moe_aux_loss"] = routing["moe_aux_loss"]
+            metrics["expert_share_max"] = max(routing["expert_share"]) * n_experts   # 1.0 = perfectly balanced
+            if routing["dropped_share"]:
+                metrics["dropped_share"] = routing["dropped_share"]
+        log.write(step=step, tokens=state["tokens"], seconds=state["seconds"], **metrics,
+                  **{f"expert_{e}": share for e, share in enumerate(routing.get("expert_share", []))})
         improved = metrics["val_loss"] < state["best_val_loss"]
         if improved:
             state["best_val_loss"] = metrics["val_loss"]
