@@ -17,8 +17,9 @@ Unlike loss per token, it does not depend on the tokenizer, so any two runs comp
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -99,6 +100,15 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
                        flavour=cfg.flavour, dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k,
                        n_shared_experts=cfg.n_shared_experts, expert_hidden=cfg.expert_hidden or None,
                        aux_loss_coef=cfg.aux_loss_coef, capacity_factor=cfg.capacity_factor)
+
+
+def note_checkpoint_config_wins(cfg: PretrainConfig, loaded: ModelConfig, argv=None):
+    """--init_from rebuilds the model its checkpoint describes; say so for any model flag that disagrees."""
+    given = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    for name in sorted(given & {f.name for f in fields(ModelConfig)}):
+        if getattr(cfg, name) != getattr(loaded, name):
+            print(f"note: --{name} {getattr(cfg, name)} is ignored: {cfg.init_from} has {name}={getattr(loaded, name)} "
+                  f"and its config.json decides the architecture")
 
 
 def prepare_data(cfg: PretrainConfig, verbose: bool):
@@ -197,6 +207,7 @@ def main(argv=None):
     if cfg.init_from:
         model, ckpt_config = load_checkpoint(cfg.init_from)
         check_tokenizer_matches(ckpt_config, tokenizer, cfg.init_from)
+        note_checkpoint_config_wins(cfg, model.config, argv)
     else:
         model = GPT(model_config(cfg, tokenizer.vocab_size))
     if rt.is_main:

@@ -97,6 +97,7 @@ def parse_config(cls, description: str, argv=None, presets: Optional[dict[str, d
     Every field becomes --name (bools get --name / --no-name). With presets, --preset
     NAME first replaces the defaults by the preset's values; explicit flags still win.
     """
+    check_architecture_flags(cls, argv if argv is not None else sys.argv[1:])
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if presets:
@@ -127,6 +128,18 @@ def parse_config(cls, description: str, argv=None, presets: Optional[dict[str, d
     cfg = cls(**values)
     cfg.preset = preset
     return cfg
+
+
+def check_architecture_flags(cls, argv: list[str]):
+    """A model-architecture flag (--n_experts, --n_encoder_layer, ...) on a stage that takes its model
+    from a checkpoint gets one line saying why it cannot apply, instead of argparse's 'unrecognized'."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    for a in argv:
+        name = a.split("=")[0].lstrip("-")
+        if a.startswith("--") and name in {f.name for f in dataclasses.fields(ModelConfig)} and name not in own:
+            raise ValueError(f"--{name} is an architecture flag, but this stage takes its model from --init_from, "
+                             f"whose config.json fixes the architecture: pretrain that kind of model first "
+                             f"(python pretrain.py --{name} ...) and start from it with --init_from")
 
 
 # ----------------------------------------------------------------------------------

@@ -127,7 +127,13 @@ def test_impossible_moe_configs_are_refused(overrides, message):
         moe_config(**overrides)
 
 
-def test_pretrain_sft_and_lora_run_on_a_moe_model_and_log_expert_shares(tmp_path):
+def test_an_architecture_flag_on_a_fine_tuning_stage_says_why_it_cannot_apply():
+    import full_sft
+    with pytest.raises(ValueError, match=r"--n_experts is an architecture flag.*python pretrain.py --n_experts"):
+        full_sft.main(["--n_experts", "4"])
+
+
+def test_pretrain_sft_and_lora_run_on_a_moe_model_and_log_expert_shares(tmp_path, capsys):
     import csv
 
     import full_sft
@@ -148,6 +154,12 @@ def test_pretrain_sft_and_lora_run_on_a_moe_model_and_log_expert_shares(tmp_path
     assert len(evals) == 2 and all(abs(sum(float(r[f"expert_{e}"]) for e in range(4)) - 1) < 1e-4 for r in evals)
     model, _ = load_checkpoint(tmp_path / "pre")               # the checkpoint rebuilds the MoE from its config
     assert model.config.n_experts == 4 and len(model.moe_layers()) == 1
+    pretrain.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", str(tmp_path / "tok.json"),
+                   "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "more"),
+                   "--init_from", str(tmp_path / "pre"), "--n_experts", "8", "--batch_size", "4", "--max_steps", "1",
+                   "--eval_interval", "1", "--sample_tokens", "0", "--time_budget", "0"])
+    assert "--n_experts 8 is ignored" in capsys.readouterr().out   # the checkpoint's own config wins
+    assert load_checkpoint(tmp_path / "more")[0].config.n_experts == 4
 
     train, held_out = generate_chat_data(WORDS, 64, 1, seed=0)
     write_jsonl(tmp_path / "train.jsonl", train)
