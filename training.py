@@ -106,11 +106,12 @@ def parse_config(cls, description: str, argv=None, presets: Optional[dict[str, d
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         value_type = meta.pop("type", type(f.default))
+        nargs = meta.pop("nargs", None)          # "*" or "+": a list of values (--target_modules q_proj v_proj)
         if value_type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                 default=f.default, help=help_text)
-        elif meta.pop("nargs", None) == "*":
-            parser.add_argument(f"--{f.name}", nargs="*", default=f.default, help=help_text, **meta)
+        elif nargs:
+            parser.add_argument(f"--{f.name}", nargs=nargs, type=value_type, default=f.default, help=help_text, **meta)
         else:
             parser.add_argument(f"--{f.name}", type=value_type, default=f.default, help=help_text, **meta)
     args = parser.parse_args(argv)
