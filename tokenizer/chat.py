@@ -50,8 +50,13 @@ def render_chat(messages: Sequence[dict], tokenizer, add_generation_prompt: bool
     loss_mask[i] = 1 where ids[i] is a token the model is trained to produce (assistant
     content and its <|im_end|>), else 0. add_generation_prompt=True appends
     "<|im_start|>assistant\\n" (mask 0): the point where the model starts its answer.
+    A tokenizer with a default_system_prompt (imported from Qwen2.5, whose template adds one)
+    gets that system message first when the conversation has none, as the model was trained.
     """
     check_messages(messages, where)
+    default_system = getattr(tokenizer, "default_system_prompt", None)   # Qwen2.5's template adds one
+    if default_system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": default_system}, *messages]
     newline = tokenizer.encode_ordinary("\n")
     ids, mask = [], []
 

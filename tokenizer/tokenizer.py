@@ -178,6 +178,9 @@ class Tokenizer:
             raise FileNotFoundError(f"{path} not found: {rebuild}")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(d, dict) and d.get("format") == "workshop-ranks-v1":
+                from .hf import PretrainedTokenizer   # a public model's vocabulary (tokenizer/hf.py)
+                return PretrainedTokenizer.from_dict(d)
             if not isinstance(d, dict) or d.get("format") != FILE_FORMAT:
                 found = d.get("format") if isinstance(d, dict) else type(d).__name__
                 raise ValueError(f'format is {found!r}, expected "{FILE_FORMAT}"')
