@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import DEFAULT_CHAT_DIR, IGNORE_INDEX, collate
+from data.chat_data import DEFAULT_CHAT_DIR, IGNORE_INDEX, batch_targets, collate
 from data.corpus_tasks import DEFAULT_CHOICE_PATH, build_choice_items
 from tokenizer.chat import render_chat
 from training import (ROOT, arg, atomic_write_text, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
@@ -180,18 +180,20 @@ def read_choice_items(path: str | Path) -> list[dict]:
     return items
 
 
-def answer_loss_evaluator(examples, batch_size: int, pad_id: int, device):
-    """evaluate(model, max_tokens) -> {"val_loss": mean loss per answer token on held-out conversations}."""
+def answer_loss_evaluator(examples, batch_size: int, collate_fn, device):
+    """evaluate(model, max_tokens) -> {"val_loss": mean loss per answer token on held-out conversations}.
+
+    collate_fn turns examples into the model's inputs (data.chat_data.chat_collate).
+    """
     def evaluate(model, max_tokens):
-        nats, count, seen = 0.0, 0, 0
+        nats, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
-            x, y = collate(examples[start:start + batch_size], pad_id)
-            x, y = x.to(device), y.to(device)
-            _, loss = model(x, y, reduction="none")                    # (b, T), 0 where ignored
+            batch = [t.to(device) for t in collate_fn(examples[start:start + batch_size])]
+            _, loss = model(*batch, reduction="none")                  # (b, T), 0 where ignored
+            targets = batch_targets(batch)
             nats += loss.float().sum().item()
-            count += (y != IGNORE_INDEX).sum().item()
-            seen += x.numel()
-            if max_tokens and seen >= max_tokens:
+            count += (targets != IGNORE_INDEX).sum().item()
+            if max_tokens and count >= max_tokens:
                 break
         return {"val_loss": nats / max(count, 1)}
     return evaluate

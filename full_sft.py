@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import (DEFAULT_CHAT_DIR, build_default_chat_data, collate, encode_conversations,
-                            read_conversations)
+from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, chat_collate, chat_examples, read_conversations
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
                       main_guard, parse_config, run_training, setup_runtime, write_metrics)
@@ -70,9 +69,10 @@ def main(argv=None):
     train_path = Path(cfg.data) if cfg.data else DEFAULT_CHAT_DIR / "sft_train.jsonl"
     eval_path = Path(cfg.eval_data) if cfg.eval_data else DEFAULT_CHAT_DIR / "sft_eval.jsonl"
     train_records, eval_records = list(read_conversations(train_path)), list(read_conversations(eval_path))
-    train = encode_conversations(train_records, tokenizer, block_size, cfg.loss_on, str(train_path))
-    held_out = encode_conversations(eval_records, tokenizer, block_size, "assistant", str(eval_path))
-    pad_id = tokenizer.eot_id
+    # a decoder-only model reads a conversation as one sequence; an encoder-decoder one as (source, answer)
+    train = chat_examples(train_records, tokenizer, model.config, cfg.loss_on, str(train_path))
+    held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path))
+    collate = chat_collate(model.config, tokenizer)
     if rt.is_main:
         print(model.summary())
         print(f"data: {len(train):,} training conversations ({train_path}), {len(eval_records):,} held-out "
@@ -87,9 +87,9 @@ def main(argv=None):
     # 4. train
     def next_batch(generator):
         rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
-        return collate([train[i] for i in rows], pad_id)
+        return collate([train[i] for i in rows])
 
-    evaluate = answer_loss_evaluator(held_out, cfg.batch_size, pad_id, rt.device)
+    evaluate = answer_loss_evaluator(held_out, cfg.batch_size, collate, rt.device)
     meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from,
             "data": str(train_path), "loss_on": cfg.loss_on}
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="sft")

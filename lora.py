@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, collate, default_words, encode_conversations,
+from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, chat_collate, chat_examples, default_words,
                             generate_chat_data, read_conversations, write_jsonl)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from model import add_lora, lora_state_dict, merge_lora
@@ -113,13 +113,13 @@ def main(argv=None):
     eval_path = Path(cfg.eval_data) if cfg.eval_data else skill["eval"]
     old_eval_path = Path(cfg.old_eval_data) if cfg.old_eval_data else DEFAULT_CHAT_DIR / "sft_eval.jsonl"
     old_train_path = DEFAULT_CHAT_DIR / "sft_train.jsonl"
-    block = model.config.block_size
     new_records, eval_records = list(read_conversations(train_path)), list(read_conversations(eval_path))
     old_eval_records = list(read_conversations(old_eval_path)) if old_eval_path.exists() else []
-    new = encode_conversations(new_records, tokenizer, block, "assistant", str(train_path))
-    old = encode_conversations(list(read_conversations(old_train_path)), tokenizer, block, "assistant",
-                               str(old_train_path)) if cfg.replay > 0 and old_train_path.exists() else []
-    held_out = encode_conversations(eval_records, tokenizer, block, "assistant", str(eval_path))
+    new = chat_examples(new_records, tokenizer, model.config, "assistant", str(train_path))
+    old = chat_examples(list(read_conversations(old_train_path)), tokenizer, model.config, "assistant",
+                        str(old_train_path)) if cfg.replay > 0 and old_train_path.exists() else []
+    held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path))
+    collate = chat_collate(model.config, tokenizer)
 
     # 3. before: the base model on the new skill and on the old ones
     model.to(rt.device)
@@ -142,9 +142,9 @@ def main(argv=None):
         n_old = sum(torch.rand(cfg.batch_size, generator=generator) < cfg.replay).item() if old else 0
         rows = [new[i] for i in torch.randint(len(new), (cfg.batch_size - n_old,), generator=generator).tolist()]
         rows += [old[i] for i in torch.randint(len(old), (n_old,), generator=generator).tolist()] if n_old else []
-        return collate(rows, tokenizer.eot_id)
+        return collate(rows)
 
-    evaluate = answer_loss_evaluator(held_out, cfg.batch_size, tokenizer.eot_id, rt.device)
+    evaluate = answer_loss_evaluator(held_out, cfg.batch_size, collate, rt.device)
     meta = {"tokenizer": base_config.get("tokenizer"), "init_from": cfg.init_from, "base_model": base_model_config,
             "base_checksum": base_checksum,
             "lora": {"name": cfg.lora_name, "rank": cfg.rank, "alpha": cfg.alpha,

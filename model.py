@@ -58,6 +58,9 @@ class ModelConfig:
     expert_hidden: Optional[int] = None   # width of one expert; None = ffn_hidden / (top_k + n_shared_experts)
     aux_loss_coef: float = 0.01       # weight of the load-balancing loss added to the training loss
     capacity_factor: float = 0.0      # > 0: an expert takes at most this x its fair share of tokens (extra ones dropped, counted)
+    # encoder-decoder (Seq2Seq): n_encoder_layer > 0 adds an encoder of that many blocks before the n_layer decoder blocks
+    n_encoder_layer: int = 0
+    decoder_start_id: int = 0         # the token the decoder starts from (the tokenizer's <|endoftext|>)
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
@@ -88,6 +91,8 @@ class ModelConfig:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
                              f"each key/value head must serve the same number of query heads")
+        if self.n_encoder_layer < 0:
+            raise ValueError(f"n_encoder_layer must be >= 0 (0 = decoder-only), got {self.n_encoder_layer}")
         if self.n_experts < 0 or self.n_shared_experts < 0:
             raise ValueError("n_experts and n_shared_experts must be >= 0")
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:

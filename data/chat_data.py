@@ -286,6 +286,69 @@ def collate(examples, pad_id: int):
     return x, y
 
 
+def encode_seq2seq_conversations(records: list[dict], tokenizer, block_size: int, where: str):
+    """For an encoder-decoder model: each conversation -> (source ids, target ids).
+
+    source = every message before the last answer, rendered with the chat template up to
+    "<|im_start|>assistant\n" (what a decoder-only model would be prompted with); target =
+    the answer's tokens and <|im_end|>. Conversations that do not fit are skipped.
+    """
+    examples, skipped = [], 0
+    for record in records:
+        messages = record["conversations"]
+        source, _ = render_chat(messages[:-1], tokenizer, add_generation_prompt=True, where=where)
+        target = tokenizer.encode_ordinary(messages[-1]["content"]) + [tokenizer.im_end_id]
+        if len(source) > block_size or len(target) > block_size:
+            skipped += 1
+            continue
+        examples.append((torch.tensor(source), torch.tensor(target)))
+    if skipped:
+        print(f"{where}: skipped {skipped} conversations longer than the context of {block_size} tokens")
+    if not examples:
+        raise ValueError(f"{where}: no conversation fits the context of {block_size} tokens")
+    return examples
+
+
+def collate_seq2seq(examples, pad_id: int, start_id: int):
+    """(source, target) pairs -> source (B, S) padded on the left, pad_lengths (B,), decoder input
+    (B, T) = [start_id, target[:-1]] and targets (B, T), both padded on the right (targets with -100)."""
+    S = max(len(src) for src, _ in examples)
+    T = max(len(tgt) for _, tgt in examples)
+    source = torch.full((len(examples), S), pad_id, dtype=torch.long)
+    decoder_input = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    pad_lengths = torch.tensor([S - len(src) for src, _ in examples])
+    for row, (src, tgt) in enumerate(examples):
+        source[row, S - len(src):] = src
+        decoder_input[row, 0] = start_id
+        decoder_input[row, 1:len(tgt)] = tgt[:-1]
+        targets[row, :len(tgt)] = tgt
+    return source, decoder_input, targets, pad_lengths
+
+
+def chat_examples(records: list[dict], tokenizer, model_config, loss_on: str, where: str):
+    """Encode conversations the way the model reads them: one sequence for a decoder-only
+    model, (source, target) for an encoder-decoder one."""
+    if model_config.n_encoder_layer:
+        if loss_on != "assistant":
+            raise ValueError("--loss_on all is for decoder-only models: an encoder-decoder model reads the "
+                             "conversation with its encoder and only ever learns to write the answer")
+        return encode_seq2seq_conversations(records, tokenizer, model_config.block_size, where)
+    return encode_conversations(records, tokenizer, model_config.block_size, loss_on, where)
+
+
+def batch_targets(batch: tuple) -> torch.Tensor:
+    """The targets tensor of a batch from chat_collate: (x, targets) or (source, decoder input, targets, pad_lengths)."""
+    return batch[2] if len(batch) == 4 else batch[1]
+
+
+def chat_collate(model_config, tokenizer):
+    """The batching function for the model kind: examples -> the tensors its forward() takes."""
+    if model_config.n_encoder_layer:
+        return lambda examples: collate_seq2seq(examples, tokenizer.eot_id, model_config.decoder_start_id)
+    return lambda examples: collate(examples, tokenizer.eot_id)
+
+
 WRONG_PERSONA = {"en": "I am a human, not a language model.", "zh": "我是一个人，不是语言模型。"}
 
 
