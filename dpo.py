@@ -144,6 +144,9 @@ def main(argv=None):
     check_train_config(cfg)
     rt = setup_runtime(cfg)
     model, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
+    if model.config.n_encoder_layer:
+        raise ValueError(f"{cfg.init_from} is an encoder-decoder model: dpo.py scores answers as continuations of "
+                         f"one decoder-only sequence; fine-tune an encoder-decoder model with full_sft.py or lora.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
     pad_id, block = tokenizer.eot_id, model.config.block_size
 

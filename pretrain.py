@@ -6,6 +6,8 @@ pretrain.py -- teach a Transformer to predict the next token of plain text.
     python pretrain.py --preset gpt2-124m       # GPT-2 small size, for a GPU
     torchrun --nproc_per_node 2 pretrain.py     # data-parallel on 2 processes (gloo on CPU, nccl on GPU)
     python pretrain.py --resume                 # continue a run that was stopped
+    python pretrain.py --n_experts 8 --top_k 2  # Mixture-of-Experts feed-forward
+    python pretrain.py --n_encoder_layer 2 --n_layer 2 --out_dir weight/pretrain_s2s   # encoder-decoder
 
 Steps: build the corpus and tokenizer if missing -> tokenize once into .bin files ->
 train on random windows -> evaluate bits per byte on held-out text -> weight/pretrain/.
@@ -26,7 +28,7 @@ import torch
 
 from data.corpus import build_default_corpus
 from data.pretrain_data import MixedBatches, TokenBin, check_data_file, prepare_dataset, read_documents, token_dtype
-from model import GPT, ModelConfig
+from model import ModelConfig, build_model
 from tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, train_tokenizer_on_files
 from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, check_train_config, load_checkpoint,
                       main_guard, parse_config, run_training, setup_runtime, write_metrics)
@@ -61,6 +63,12 @@ class PretrainConfig(TrainConfig):
     expert_hidden: int = arg(0, "width of one expert (0 = ffn width / (top_k + shared): equal active parameters)")
     aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
     capacity_factor: float = arg(0.0, "an expert takes at most this x its fair share of tokens (0 = no limit)")
+    # encoder-decoder (see model.Seq2Seq)
+    n_encoder_layer: int = arg(0, "> 0: an encoder-decoder model with this many encoder blocks (and n_layer "
+                                  "decoder blocks); 0 = decoder-only")
+    objective: str = arg("auto", "next_token: predict every next token (decoder-only); next_span: the encoder reads "
+                                 "the first half of a window, the decoder writes the second half (encoder-decoder); "
+                                 "auto: the one that fits the model", choices=["auto", "next_token", "next_span"])
     # training (defaults chosen for a 2-core CPU and a ~5 minute run)
     out_dir: str = arg("weight/pretrain", "output folder")
     max_steps: int = arg(600, "optimizer steps (at most: the time budget usually ends the run first)")
@@ -93,13 +101,34 @@ PRESETS = {
 }
 
 
-def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+def model_config(cfg: PretrainConfig, vocab_size: int, start_id: int = 0) -> ModelConfig:
     """The model the flags describe (ModelConfig checks it: one clear line if impossible)."""
     return ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                       n_encoder_layer=cfg.n_encoder_layer, decoder_start_id=start_id,
                        n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or None, n_embd=cfg.n_embd,
                        flavour=cfg.flavour, dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k,
                        n_shared_experts=cfg.n_shared_experts, expert_hidden=cfg.expert_hidden or None,
                        aux_loss_coef=cfg.aux_loss_coef, capacity_factor=cfg.capacity_factor)
+
+
+def check_objective(objective: str, config: ModelConfig) -> str:
+    """The objective to train with: next_token for a decoder-only model, next_span for an encoder-decoder one."""
+    fits = "next_span" if config.n_encoder_layer else "next_token"
+    if objective not in ("auto", fits):
+        kind = "an encoder-decoder" if config.n_encoder_layer else "a decoder-only"
+        raise ValueError(f"--objective {objective} does not fit {kind} model: use --objective {fits} "
+                         f"(or --n_encoder_layer {'0' if config.n_encoder_layer else 'N'} for the other kind)")
+    return fits
+
+
+def as_next_span(x: torch.Tensor, y: torch.Tensor, start_id: int):
+    """Windows (x, y = x shifted by one), (B, T) each -> (source, decoder input, targets) for next_span:
+    the encoder reads the first half of each window, the decoder writes the second half."""
+    window = torch.cat([x[:, :1], y], dim=1)                      # (B, T+1) the whole window
+    half = window.shape[1] // 2
+    source, targets = window[:, :half], window[:, half:]          # (B, h), (B, T+1-h)
+    decoder_input = torch.cat([torch.full_like(targets[:, :1], start_id), targets[:, :-1]], dim=1)
+    return source, decoder_input, targets
 
 
 def note_checkpoint_config_wins(cfg: PretrainConfig, loaded: ModelConfig, argv=None):
@@ -148,21 +177,25 @@ def prepare_data(cfg: PretrainConfig, verbose: bool):
 
 
 def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Tensor, block_size: int,
-                            batch_size: int, device: torch.device):
+                            batch_size: int, device: torch.device, to_batch=lambda x, y: (x, y)):
     """evaluate(model, max_tokens) -> val_loss (nats/token) and bpb, overall and per split.
+
+    to_batch turns each validation window into the model's inputs, its targets last
+    (for next_span: only the second half of each window is predicted and counted).
 
     bpb = sum over predicted tokens of -log2 p(token) / sum of their UTF-8 bytes.
     Special tokens (<|endoftext|>) count 0 bytes, and their loss still counts, so bpb
     stays an honest upper bound on the cost of the text.
     """
-    def evaluate(model: GPT, max_tokens: int | None) -> dict:
+    def evaluate(model, max_tokens: int | None) -> dict:
         totals = {"nats": 0.0, "tokens": 0, "bytes": 0}
         metrics = {}
         for name, data in val_bins.items():
             nats = n_tokens = n_bytes = 0
             for x, y in data.eval_batches(batch_size, block_size, max_tokens):
-                x, y = x.to(device), y.to(device)
-                _, loss = model(x, y, reduction="none")          # (b, T) nats per position
+                batch = [t.to(device) for t in to_batch(x, y)]
+                y = batch[-1]                                     # the targets
+                _, loss = model(*batch, reduction="none")        # (b, T) nats per position
                 nats += loss.float().sum().item()
                 n_tokens += y.numel()
                 n_bytes += token_bytes[y].sum().item()
@@ -183,7 +216,7 @@ def main(argv=None):
     cfg = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS)
     check_train_config(cfg)        # bad flags fail now, not after minutes of data preparation
     if not cfg.init_from:
-        model_config(cfg, cfg.vocab_size)
+        check_objective(cfg.objective, model_config(cfg, cfg.vocab_size))
     rt = setup_runtime(cfg)
 
     # 1. data: the main process builds what is missing, the others then find it cached
@@ -209,7 +242,8 @@ def main(argv=None):
         check_tokenizer_matches(ckpt_config, tokenizer, cfg.init_from)
         note_checkpoint_config_wins(cfg, model.config, argv)
     else:
-        model = GPT(model_config(cfg, tokenizer.vocab_size))
+        model = build_model(model_config(cfg, tokenizer.vocab_size, start_id=tokenizer.eot_id))
+    objective = check_objective(cfg.objective, model.config)
     if rt.is_main:
         print(model.summary())
         print("data: " + ", ".join(f"{n} {len(b):,}" for n, b in train_bins.items()) + " training tokens, "
@@ -220,11 +254,14 @@ def main(argv=None):
     # 3. train
     block_size = model.config.block_size
 
+    to_batch = (lambda x, y: (x, y)) if objective == "next_token" else \
+        (lambda x, y: as_next_span(x, y, model.config.decoder_start_id))
+
     def next_batch(generator):
-        return train_data.random_batch(cfg.batch_size, block_size, generator)
+        return to_batch(*train_data.random_batch(cfg.batch_size, block_size, generator))
 
     token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.long, device=rt.device)
-    evaluate = bits_per_byte_evaluator(val_bins, token_bytes, block_size, cfg.batch_size * 2, rt.device)
+    evaluate = bits_per_byte_evaluator(val_bins, token_bytes, block_size, cfg.batch_size * 2, rt.device, to_batch)
     meta = {"tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
             "data": [str(p) for p in cfg.data] or "default"}
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="pretrain")
@@ -248,9 +285,9 @@ def main(argv=None):
               f"({metrics['tokens_per_second']:,.0f} tok/s) -> {cfg.out_dir}/")
         if cfg.sample_tokens:
             prompt = torch.tensor([tokenizer.encode_ordinary("\n")], device=rt.device)
-            out = best.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
-                                generator=torch.Generator(device=rt.device).manual_seed(cfg.seed))
-            print("sample:\n" + tokenizer.decode(out[0, 1:].tolist()).strip())
+            new = best.generate_stream(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
+                                       generator=torch.Generator(device=rt.device).manual_seed(cfg.seed))
+            print("sample:\n" + tokenizer.decode([t.item() for t in new]).strip())
     if rt.distributed:
         torch.distributed.destroy_process_group()
 

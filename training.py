@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import GPT, ModelConfig, add_lora, lora_state_dict
+from model import GPT, ModelConfig, add_lora, build_model, lora_state_dict
 
 ROOT = Path(__file__).resolve().parent
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.pt", "adapter_config.json"   # a LoRA adapter folder (lora.py)
@@ -409,7 +409,7 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_path}: not a checkpoint config ({type(e).__name__}: {e}); "
                          f"recreate the checkpoint with `{make_hint}`") from None
-    model = GPT(model_config)
+    model = build_model(model_config)   # GPT, or Seq2Seq for an encoder-decoder config
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device), config
