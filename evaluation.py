@@ -43,29 +43,18 @@ def greedy_answers(model, tokenizer, conversations: list[list[dict]], max_new_to
                    batch_size: int = 64) -> list[str]:
     """The model's greedy answer to each conversation (its last assistant message is left out).
 
-    Prompts of equal length are generated together as one batch (no padding needed);
-    each row stops at its own <|im_end|>.
+    Prompts are sorted by length and generated up to batch_size at a time as left-padded
+    batches (engine.Engine.complete, as the chat tools do); each row stops at its own <|im_end|>.
     """
-    device = next(model.parameters()).device
+    from engine import Engine, SamplingParams   # the batched generation of inference.py and serve.py
     prompts = [render_chat(c[:-1], tokenizer, add_generation_prompt=True)[0] for c in conversations]
-    by_length = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        by_length[len(ids)].append(i)
     answers = [""] * len(prompts)
-    model.eval()
-    for length, rows in by_length.items():
-        budget = min(max_new_tokens, model.config.block_size - length)
-        if budget <= 0:
-            continue                                                     # no room to answer: counts as wrong
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            x = torch.tensor([prompts[i] for i in chunk], device=device)          # (b, length)
-            out = model.generate(x, budget, temperature=0.0, stop_tokens=(tokenizer.im_end_id,))
-            for row, i in enumerate(chunk):
-                new = out[row, length:].tolist()
-                if tokenizer.im_end_id in new:
-                    new = new[:new.index(tokenizer.im_end_id)]
-                answers[i] = tokenizer.decode(new)
+    fits = [i for i, ids in enumerate(prompts) if len(ids) < model.config.block_size]  # no room: counts as wrong
+    if fits:
+        engine = Engine(model, tokenizer, chat=True, stop_tokens=(tokenizer.im_end_id,))
+        done = engine.complete([prompts[i] for i in fits], SamplingParams.greedy(max_new_tokens), batch_size)
+        for i, completion in zip(fits, done):
+            answers[i] = completion.text
     return answers
 
 

@@ -1,203 +1,303 @@
 """
 inference.py -- talk to a trained model.
 
-    python inference.py --prompt "ROMEO:"        # continue a text once, streamed
-    python inference.py                          # a REPL: each line you type is continued
-    python inference.py --ckpt weight/pretrain --temperature 0.7 --top_k 40 --top_p 0.9
-    python inference.py --ckpt weight/sft                 # chat: the template, multi-turn history
-    python inference.py --ckpt weight/sft --system "Be brief." --prompt "Who are you?"
+    python inference.py                                   # REPL: each line you type is continued (weight/pretrain)
+    python inference.py --ckpt weight/sft                 # chat: the template, multi-turn history, /help
+    python inference.py --ckpt weight/sft --prompt "Who are you?"      # one answer, streamed
     python inference.py --lora weight/lora                # a LoRA adapter on top of its base model
+    python inference.py --temperature 0 --stats           # greedy; tokens/s after each answer
+    printf 'hello\\n{"prompt": "ROMEO:"}\\n' | python inference.py --jsonl   # one JSON answer per line
+    python serve.py --ckpt weight/sft                     # the same engine as an HTTP API and a web page
 
-Generation: the prompt goes through the model once (prefill, filling the KV cache),
-then one token per step, each step reusing the cached keys and values.
+Generation (engine.py, model.py): the prompt goes through the model once (prefill,
+filling a KV cache sized for prompt + answer), then one token per step, each step
+reusing the cached keys and values. Text is printed as it comes; a UTF-8 character
+split over two tokens (common in Chinese) is held back until it is complete.
 
-Chat models (made by full_sft.py, lora.py, dpo.py) get the conversation rendered with the
-chat template (tokenizer/chat.py) and answer until <|im_end|>; the REPL keeps the history,
-and when it outgrows the context the oldest turns are dropped (the system prompt stays).
+Chat models (made by full_sft.py, lora.py, dpo.py) get the conversation rendered with
+the chat template (tokenizer/chat.py) and answer until <|im_end|>; the REPL keeps the
+history, and when it outgrows the context the oldest turns are dropped (the system
+prompt stays). Text models (pretrain.py) continue what you type.
 """
 
 from __future__ import annotations
 
-import codecs
-import time
+import dataclasses
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
+from engine import Engine, LoadConfig, SamplingParams, unescape
+from tokenizer.chat import check_messages
+from training import arg, atomic_write_text, main_guard, parse_config
 
-from tokenizer.chat import render_chat
-from training import (arg, check_tokenizer_matches, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
-                      main_guard, parse_config, resolve_device)
-
-CHAT_STAGES = ("sft", "dpo", "lora", "lora_merged")     # checkpoints that expect the chat template
+SAMPLING_NAMES = [f.name for f in dataclasses.fields(SamplingParams)]
 
 
 @dataclass
-class InferenceConfig:
-    ckpt: str = arg("weight/pretrain", "checkpoint folder (made by pretrain.py)")
-    tokenizer: str = arg("", "tokenizer file ('' = the checkpoint's own tokenizer.json)")
-    prompt: str = arg("", "text to continue; empty opens the REPL")
-    max_new_tokens: int = arg(200, "tokens to generate per answer")
-    temperature: float = arg(0.8, "0 = greedy; higher = more random")
-    top_k: int = arg(50, "sample only among the k most likely tokens (0 = off)")
-    top_p: float = arg(0.95, "sample only among the smallest set of tokens with this much probability (1 = off)")
-    seed: int = arg(-1, "random seed (-1 = different every run)")
-    device: str = arg("auto", "auto | cpu | cuda | mps", choices=["auto", "cpu", "cuda", "mps"])
-    kv_cache: bool = arg(True, "reuse keys/values of past tokens; --no-kv_cache recomputes the whole context each step (slow)")
-    stats: bool = arg(False, "print tokens/s after each answer")
-    chat: str = arg("auto", "chat template and history: auto (on for SFT/LoRA/DPO checkpoints), on, off",
-                    choices=["auto", "on", "off"])
+class InferenceConfig(LoadConfig):
+    prompt: str = arg("", "answer (chat) or continue (text) this once, then exit; empty opens the REPL")
     system: str = arg("", "system prompt for chat mode")
-    lora: str = arg("", "LoRA adapter folder (made by lora.py), applied on top of the base it was trained on")
+    jsonl: bool = arg(False, "read prompts from stdin, one per line (text, or JSON {\"prompt\": ...} / "
+                             "{\"messages\": [...]}), and write one JSON answer per line")
+    batch_size: int = arg(8, "with --jsonl: prompts generated together as one batch")
+    stats: bool = arg(False, "print tokens/s and time to first token after each answer")
+    kv_cache: bool = arg(True, "reuse keys/values of past tokens; --no-kv_cache recomputes the whole "
+                               "context each step (slow; for comparison)")
 
 
-class Generator:
-    """A model, its tokenizer and sampling settings; streams text for a prompt."""
+# ----------------------------------------------------------------------------------
+# The REPL
 
-    def __init__(self, cfg: InferenceConfig):
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        if cfg.lora:   # the adapter names its base checkpoint; the tokenizer is the base's
-            self.model, self.ckpt_config = load_adapted_model(cfg.lora, self.device)
-            ckpt_dir, self.ckpt_config["stage"] = self.ckpt_config["init_from"], "lora"
-        else:
-            self.model, self.ckpt_config = load_checkpoint(cfg.ckpt, self.device, make_hint="python pretrain.py")
-            ckpt_dir = cfg.ckpt
-        self.model.eval()
-        if cfg.tokenizer:
-            from tokenizer import Tokenizer
-            self.tokenizer = Tokenizer.load(cfg.tokenizer)
-        else:
-            self.tokenizer = load_checkpoint_tokenizer(ckpt_dir)
-        self.chat = cfg.chat == "on" or (cfg.chat == "auto" and self.ckpt_config.get("stage") in CHAT_STAGES)
-        self.system, self.history = cfg.system, []
-        check_tokenizer_matches(self.ckpt_config, self.tokenizer, cfg.ckpt)
-        if self.tokenizer.vocab_size != self.model.config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but {cfg.ckpt} expects "
-                             f"{self.model.config.vocab_size}: use the checkpoint's own tokenizer.json")
-        self.rng = torch.Generator(device=self.device)
-        self.rng.manual_seed(cfg.seed if cfg.seed >= 0 else int(time.time_ns() % 2**31))
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of the prompt; refused in one line if it leaves no room to generate."""
-        ids = self.tokenizer.encode_ordinary(prompt) or [self.tokenizer.eot_id]
-        context = self.model.config.block_size
-        if len(ids) >= context:
-            raise ValueError(f"prompt is {len(ids)} tokens, the model's context is {context}: shorten it")
-        return ids
+class Session:
+    """An interactive conversation: the engine, the sampling settings, a system prompt and the history."""
 
-    def chat_ids(self, user_text: str) -> list[int]:
-        """The conversation so far plus the new user turn, rendered and ready for the answer.
+    def __init__(self, engine: Engine, params: SamplingParams, system: str = "", stats: bool = False,
+                 use_cache: bool = True):
+        self.engine, self.params, self.system = engine, params, system
+        self.stats, self.use_cache = stats, use_cache
+        self.history: list[dict] = []               # user/assistant messages, oldest first
+        self.rng = engine.generator(params.seed)
 
-        If it does not fit (leaving room for an answer), the oldest turns are dropped; the
-        system prompt always stays.
-        """
-        context = self.model.config.block_size
-        room = min(self.cfg.max_new_tokens, context // 4)
+    def conversation_ids(self, user_text: str) -> list[int]:
+        """System prompt + history + the new user turn, as ids. If it does not fit (leaving
+        room for an answer), the oldest turns are dropped; the system prompt always stays."""
+        room = min(self.params.max_new_tokens, self.engine.context // 4)
+        system = [{"role": "system", "content": self.system}] if self.system else []
         while True:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history + \
-                [{"role": "user", "content": user_text}]
-            ids, _ = render_chat(messages, self.tokenizer, add_generation_prompt=True)
-            if len(ids) + room <= context or not self.history:
-                break
-            self.history = self.history[2:]                       # forget the oldest user/assistant pair
+            messages = system + self.history + [{"role": "user", "content": user_text}]
+            try:
+                ids = self.engine.chat_ids(messages)
+            except ValueError:
+                if not self.history:
+                    raise
+                ids = None
+            if ids is not None and (self.engine.room(len(ids)) >= room or not self.history):
+                return ids
+            self.history = self.history[2:]          # forget the oldest user/assistant pair
             print("[history longer than the context: the oldest turn was dropped]")
-        if len(ids) >= context:
-            raise ValueError(f"message is {len(ids)} tokens with the chat template, the model's context is "
-                             f"{context}: shorten it")
-        return ids
 
-    def stream(self, prompt: str, ids: list[int] | None = None):
-        """Yield pieces of text as tokens arrive; a UTF-8 character split over two tokens
-        (common in Chinese) is held back until complete, so nothing garbled is printed."""
-        ids = ids if ids is not None else self.prompt_ids(prompt)
-        stop = (self.tokenizer.eot_id, self.tokenizer.im_end_id)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        x = torch.tensor([ids], device=self.device)
-        self.last_count, start = 0, time.perf_counter()
-        for token in self.model.generate_stream(
-                x, self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k or None,
-                top_p=self.cfg.top_p, stop_tokens=stop, use_cache=self.cfg.kv_cache,
-                generator=self.rng):
-            token_id = token.item()
-            self.last_count += 1
-            if token_id in stop:
-                break
-            text = decoder.decode(self.tokenizer.decode_bytes([token_id]))
-            if text:
-                yield text
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
-        self.last_seconds = time.perf_counter() - start
+    def answer(self, text: str):
+        """Stream the model's answer to one line of input (chat) or its continuation (text)."""
+        ids = self.conversation_ids(text) if self.engine.chat else self.engine.text_ids(text)
+        if not self.engine.chat:
+            print(text, end="", flush=True)          # the continuation follows the text it continues
+        answer = ""
+        try:
+            for delta in self.engine.stream([ids], self.params, generator=self.rng, use_cache=self.use_cache):
+                answer += delta.text
+                print(delta.text, end="", flush=True)
+        except KeyboardInterrupt:
+            print("\n[stopped]", end="")
+        finally:
+            print()
+            if self.engine.chat:                     # what was shown is what the assistant said
+                self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        if self.stats:
+            print(self.engine.stats.line())
 
-    def print_answer(self, prompt: str, echo_prompt: bool = True):
-        if self.chat:
-            ids = self.chat_ids(prompt)            # a too-long message fails before anything is printed
-            answer = ""
-            for piece in self.stream(prompt, ids):
-                answer += piece
-                print(piece, end="", flush=True)
-            self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    # --- commands ---------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run a /command; return False when the REPL should end."""
+        name, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        handler = {"/help": self.cmd_help, "/reset": self.cmd_reset, "/system": self.cmd_system,
+                   "/set": self.cmd_set, "/save": self.cmd_save, "/load": self.cmd_load}.get(name)
+        if handler is None:
+            print(f"error: unknown command {name}: /help lists the commands "
+                  f"(start the line with a space to send text that begins with /)")
         else:
-            self.prompt_ids(prompt)                # a too-long prompt fails before anything is printed
-            if echo_prompt:
-                print(prompt, end="", flush=True)
-            for piece in self.stream(prompt):
-                print(piece, end="", flush=True)
-        print()
-        if self.cfg.stats:
-            print(f"[{self.last_count} tokens, {self.last_count / max(self.last_seconds, 1e-9):.1f} tokens/s]")
+            try:
+                handler(rest)
+            except (ValueError, FileNotFoundError) as e:
+                print(f"error: {e}")
+        return True
+
+    def cmd_help(self, _=""):
+        print("/help                 this list\n"
+              "/reset                forget the conversation\n"
+              "/system TEXT          set the system prompt (and start over); /system alone shows it\n"
+              "/set NAME VALUE       change a sampling setting, e.g. /set temperature 0.7; /set alone lists them\n"
+              "/save [FILE]          save the conversation and settings as JSON (default chat.json)\n"
+              "/load [FILE]          load a conversation saved by /save\n"
+              "/exit                 quit (or Ctrl-D); Ctrl-C stops an answer\n"
+              f"settings: {', '.join(SAMPLING_NAMES)}")
+
+    def cmd_reset(self, _=""):
+        self.history = []
+        print("[conversation reset]")
+
+    def cmd_system(self, text: str):
+        if not self.engine.chat:
+            raise ValueError("this is a text model: it continues text and has no system prompt "
+                             "(use a chat checkpoint, or --chat on)")
+        if not text:
+            print(f"[system prompt: {self.system!r}]")
+            return
+        self.system, self.history = text, []
+        print(f"[system prompt: {self.system!r}; conversation reset]")
+
+    def cmd_set(self, rest: str):
+        if not rest:
+            print("  ".join(f"{n}={getattr(self.params, n)!r}" for n in SAMPLING_NAMES))
+            return
+        name, _, value = rest.partition(" ")
+        if name not in SAMPLING_NAMES:
+            raise ValueError(f"unknown setting {name!r}: choose from {', '.join(SAMPLING_NAMES)}")
+        self.params = self.params.replace(**{name: parse_setting(name, value.strip())}).validate()
+        if name == "seed":
+            self.rng = self.engine.generator(self.params.seed)
+        print(f"[{name} = {getattr(self.params, name)!r}]")
+
+    def cmd_save(self, path: str):
+        path = Path(path or "chat.json")
+        record = {"system": self.system, "messages": self.history, "settings": dataclasses.asdict(self.params)}
+        atomic_write_text(path, json.dumps(record, ensure_ascii=False, indent=2))
+        print(f"[saved {len(self.history) // 2} turns to {path}]")
+
+    def cmd_load(self, path: str):
+        path = Path(path or "chat.json")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: save a conversation with /save {path} first")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            system, messages = record.get("system", ""), record.get("messages", [])
+            settings = {k: v for k, v in record.get("settings", {}).items() if k in SAMPLING_NAMES}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a conversation saved by /save ({type(e).__name__})") from None
+        if messages:
+            check_messages(messages, where=str(path))
+        params = self.params.replace(**{k: tuple(v) if k == "stop" else v for k, v in settings.items()}).validate()
+        self.system, self.history, self.params = system, messages, params
+        print(f"[loaded {len(messages) // 2} turns from {path}]")
 
 
-def repl(gen: Generator):
-    if gen.chat:
-        print(f"{gen.model.summary()}\nChat: /reset forgets the conversation, /system TEXT sets the system "
-              f"prompt, /exit or Ctrl-D quits.")
-    else:
-        print(f"{gen.model.summary()}\nType text to continue it; /exit or Ctrl-D quits.")
+def parse_setting(name: str, value: str):
+    """Text typed after /set NAME -> a value of the setting's type."""
+    kind = type(getattr(SamplingParams(), name))
+    if kind is tuple:                                # stop: one stop string (\n allowed), or nothing
+        return (unescape(value),) if value else ()
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} needs a {kind.__name__}, got {value!r}") from None
+
+
+def has_undecodable_bytes(line: str) -> bool:
+    """True if the line had bytes that are not UTF-8 (kept as surrogates by errors='surrogateescape')."""
+    return any("\udc80" <= ch <= "\udcff" for ch in line)
+
+
+def repl(session: Session):
+    engine = session.engine
+    mode = "chat" if engine.chat else "text continuation"
+    print(f"{engine.model.summary()}\n{engine.name}: {mode}. /help lists the commands, /exit or Ctrl-D quits.")
     try:
         import readline  # noqa: F401  (line editing and history where available)
     except ImportError:
         pass
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input(">>> ")
         except EOFError:
             print()
             return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if gen.chat and line.strip() == "/reset":
-            gen.history = []
-            print("[conversation reset]")
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit quits)")
             continue
-        if gen.chat and line.startswith("/system"):
-            gen.system, gen.history = line[len("/system"):].strip(), []
-            print(f"[system prompt: {gen.system!r}; conversation reset]")
+        if has_undecodable_bytes(line):
+            print("error: that line is not valid UTF-8 text: set your terminal to UTF-8 and type it again")
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return
             continue
         if not line.strip():
             continue
         try:
-            gen.print_answer(line)
-        except KeyboardInterrupt:
-            print("\n[stopped]")
+            session.answer(line)
         except ValueError as e:
             print(f"error: {e}")
 
 
-def main():
-    cfg = parse_config(InferenceConfig, __doc__.split("\n\n")[0].strip())
-    if cfg.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
-    gen = Generator(cfg)
-    if cfg.prompt:
-        gen.print_answer(cfg.prompt)
+# ----------------------------------------------------------------------------------
+# One JSON answer per line of stdin
+
+
+def read_jsonl_requests(raw: bytes, engine: Engine, system: str) -> list[tuple[dict, list[int]]]:
+    """stdin -> (request, prompt ids) per non-empty line; a bad line fails the whole run, naming it."""
+    requests = []
+    for number, line_bytes in enumerate(raw.splitlines(), 1):
+        where = f"stdin line {number}"
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not valid UTF-8 (byte 0x{line_bytes[e.start]:02x} at column "
+                             f"{e.start + 1}): save the input as UTF-8") from None
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: starts with {{ but is not valid JSON ({e.msg}, column {e.colno})") from None
+        else:
+            request = {"prompt": line}
+        if "messages" in request:
+            check_messages(request["messages"], where=where)
+            messages = request["messages"]
+        elif isinstance(request.get("prompt"), str):
+            messages = [{"role": "user", "content": request["prompt"]}]
+        else:
+            raise ValueError(f'{where}: expected text, {{"prompt": "..."}} or {{"messages": [...]}}')
+        if system and engine.chat and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        try:
+            requests.append((request, engine.prompt_ids(messages)))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return requests
+
+
+def answer_jsonl(engine: Engine, cfg: InferenceConfig, params: SamplingParams):
+    """Read every prompt first (a bad line stops the run before anything is written), then
+    answer them batch by batch, one JSON object per line, in input order."""
+    requests = read_jsonl_requests(sys.stdin.buffer.read(), engine, cfg.system)
+    total_tokens, total_seconds = 0, 0.0
+    for start in range(0, len(requests), cfg.batch_size):
+        chunk = requests[start:start + cfg.batch_size]
+        for (request, _), done in zip(chunk, engine.complete([ids for _, ids in chunk], params, cfg.batch_size)):
+            record = {**request, "answer": done.text, "finish_reason": done.finish_reason,
+                      "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+            total_tokens += done.completion_tokens
+        total_seconds += engine.stats.seconds
+    if cfg.stats:
+        print(f"[{len(requests)} answers, {total_tokens} tokens, {total_tokens / max(total_seconds, 1e-9):.1f} "
+              f"tokens/s]", file=sys.stderr)
+
+
+def main(argv=None):
+    cfg = parse_config(InferenceConfig, __doc__.split("\n\n")[0].strip(), argv)
+    cfg.stop = tuple(unescape(s) for s in cfg.stop)
+    params = SamplingParams.of(cfg).validate(flag_prefix="--")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {cfg.batch_size}")
+    engine = Engine.load(cfg)
+    session = Session(engine, params, cfg.system, cfg.stats, cfg.kv_cache)
+    if cfg.jsonl:
+        answer_jsonl(engine, cfg, params)
+    elif cfg.prompt:
+        session.answer(cfg.prompt)
     else:
-        repl(gen)
+        repl(session)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,8 @@ class KVCache:
 
     `pos` is how many positions are filled. Generation runs the prompt once (prefill),
     then one token at a time, each step reading all cached keys instead of recomputing them.
+    max_len is what one generation needs (prompt + new tokens), not the whole context:
+    a model with a 32k context answering 200 tokens after a 50-token prompt keeps 250.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
@@ -207,7 +209,9 @@ class Attention(nn.Module):
         self.use_rope = config.position == "rope"
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None):
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None):
+        """attn_mask (B, 1, T, S) bool, True = may attend: given for left-padded batches
+        (see padded_attention_mask); None = the plain causal mask."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -226,7 +230,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(repeat, dim=1)          # (B, H, start+T, D)
             v = v.repeat_interleave(repeat, dim=1)
 
-        if start == 0:
+        if attn_mask is not None:
+            # left-padded batch: causal, and no query ever sees a padding key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif start == 0:
             # no cached past: the usual lower-triangular causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -361,8 +368,8 @@ class Block(nn.Module):
         self.ffn = make_feed_forward(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, kv_cache=None):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache))
+    def forward(self, x, rope=None, kv_cache=None, attn_mask=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache, attn_mask))
         x = x + self.ffn(self.ffn_norm(x))
         return x
 
@@ -433,12 +440,16 @@ class GPT(nn.Module):
                 f"{', tied embeddings' if c.tie_embeddings else ''}")
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, reduction: str = "mean"):
+                kv_cache: Optional[KVCache] = None, reduction: str = "mean",
+                pad_lengths: Optional[torch.Tensor] = None, last_only: bool = False):
         """idx (B, T) token ids -> logits (B, T, V) and, if targets (B, T) are given, the loss.
 
         Targets equal to IGNORE_INDEX (-100) do not count. reduction="none" returns the
         loss per position (B, T) (0 where ignored), for bits-per-byte and log-prob sums.
         With a kv_cache, idx are the next tokens after those already cached.
+        pad_lengths (B,): a left-padded batch, row b starting with pad_lengths[b] padding
+        tokens; no real token attends to them and positions count from each row's first
+        real token. last_only: logits for the last position only (B, 1, V), all generation needs.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -446,16 +457,28 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than the context "
                              f"(block_size={self.config.block_size})")
         x = self.tok_emb(idx)                                            # (B, T, C)
-        rope = None
-        if self.config.position == "learned":
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        rope, attn_mask = None, None
+        if pad_lengths is None:
+            if self.config.position == "learned":
+                x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            else:
+                rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, D) each
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, D) each
+            # every row has its own positions: row b's first real token is position 0
+            positions = torch.arange(start, start + T, device=idx.device) - pad_lengths.view(B, 1)
+            positions = positions.clamp(min=0)                           # (B, T); padding sits at 0
+            if self.config.position == "learned":
+                x = x + self.pos_emb(positions)
+            else:
+                rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, D)
+            attn_mask = padded_attention_mask(pad_lengths, start, T)     # (B, 1, T, start+T)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.pos += T
+        if last_only:
+            x = x[:, -1:, :]                                             # (B, 1, C)
         x = self.final_norm(x)
         logits = self.lm_head(x)                                         # (B, T, V)
         if targets is None:
@@ -500,35 +523,56 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                        top_k: Optional[int] = None, top_p: Optional[float] = None,
-                        stop_tokens: tuple = (), use_cache: bool = True,
-                        generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+                        top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                        repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                        presence_penalty: float = 0.0, stop_tokens: tuple = (), use_cache: bool = True,
+                        generator: Optional[torch.Generator] = None,
+                        pad_lengths: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
         """Yield new tokens (B,) one step at a time after the prompt idx (B, T).
 
         With the cache: one forward over the prompt (prefill), then one token per step.
         Without it: the whole sequence is recomputed every step (slow; for comparison).
-        Stops early when every row has produced a stop token.
+        pad_lengths (B,): prompts of different lengths, left-padded (see left_pad).
+        A row is done at its first stop token (its later tokens mean nothing); the loop ends
+        when every row is done, after max_new_tokens, or at the end of the context.
         """
-        if idx.shape[1] >= self.config.block_size:
-            raise ValueError(f"prompt of {idx.shape[1]} tokens does not fit the context of "
+        B, T = idx.shape
+        if T >= self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens does not fit the context of "
                              f"{self.config.block_size} tokens: shorten it")
-        max_new_tokens = min(max_new_tokens, self.config.block_size - idx.shape[1])
-        cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        max_new_tokens = min(max_new_tokens, self.config.block_size - T)
+        if pad_lengths is not None and not bool(pad_lengths.any()):
+            pad_lengths = None                       # nothing padded: the plain causal path
+        cache = self.new_kv_cache(B, T + max_new_tokens) if use_cache else None
+        penalize = repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
+        if penalize:
+            real = torch.ones_like(idx, dtype=torch.float32)             # (B, T): 1 = a real prompt token
+            if pad_lengths is not None:
+                real = (torch.arange(T, device=idx.device) >= pad_lengths.view(B, 1)).float()
+            seen = torch.zeros(B, self.config.vocab_size, device=idx.device).scatter_add_(1, idx, real) > 0  # (B, V)
+            counts = torch.zeros(B, self.config.vocab_size, device=idx.device)   # (B, V) times generated
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         stop = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
         sequence, step_input = idx, idx
         for _ in range(max_new_tokens):
             if use_cache:
-                logits, _ = self(step_input, kv_cache=cache)
+                logits, _ = self(step_input, kv_cache=cache, pad_lengths=pad_lengths, last_only=True)
             else:
-                logits, _ = self(sequence)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+                logits, _ = self(sequence, pad_lengths=pad_lengths, last_only=True)
+            logits = logits[:, -1, :]                                    # (B, V)
+            if penalize:
+                logits = apply_penalties(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
             yield next_token
             finished |= torch.isin(next_token, stop)
             if finished.all():
                 return
             step_input = next_token.unsqueeze(1)                         # (B, 1)
-            sequence = torch.cat([sequence, step_input], dim=1)
+            if penalize:
+                seen.scatter_(1, step_input, True)
+                counts.scatter_add_(1, step_input, torch.ones_like(step_input, dtype=counts.dtype))
+            if not use_cache:
+                sequence = torch.cat([sequence, step_input], dim=1)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
@@ -537,17 +581,59 @@ class GPT(nn.Module):
         return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
 
 
+def padded_attention_mask(pad_lengths: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """(B, 1, T, start+T) bool: query start+i of row b may see key j if j <= start+i (causal)
+    and j >= pad_lengths[b] (not padding). A padding query sees only itself, so no row of
+    the mask is empty (a softmax over nothing would be NaN)."""
+    q_pos = torch.arange(start, start + T, device=pad_lengths.device).view(1, T, 1)   # (1, T, 1)
+    k_pos = torch.arange(start + T, device=pad_lengths.device).view(1, 1, start + T)  # (1, 1, S)
+    pad = pad_lengths.view(-1, 1, 1)                                                  # (B, 1, 1)
+    mask = (k_pos <= q_pos) & ((k_pos >= pad) | (k_pos == q_pos))                   # (B, T, S)
+    return mask.unsqueeze(1)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> idx (B, T_max) padded on the left with pad_id,
+    and pad_lengths (B,). Left, so that every row's next token lands in the same column."""
+    longest = max(len(s) for s in sequences)
+    idx = torch.tensor([[pad_id] * (longest - len(s)) + list(s) for s in sequences], device=device)
+    pad_lengths = torch.tensor([longest - len(s) for s in sequences], device=device)
+    return idx, pad_lengths
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, repetition_penalty: float = 1.0,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> torch.Tensor:
+    """Discourage repeats in logits (B, V); seen (B, V) bool: in the prompt or generated; counts (B, V):
+    times generated so far.
+
+    repetition (CTRL paper, as in HF): a seen token's logit is divided by the penalty if
+    positive, multiplied if negative. frequency / presence (OpenAI): logit -= frequency * count
+    + presence * (count > 0).
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if frequency_penalty != 0.0 or presence_penalty != 0.0:
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).float()
+    return logits
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                      min_p: Optional[float] = None) -> torch.Tensor:
     """Pick one token per row from logits (B, V).
 
-    temperature 0 -> argmax (greedy). Otherwise softmax(logits / temperature), keeping only
-    the top_k most likely tokens and/or the smallest set whose probability reaches top_p.
+    temperature 0 -> argmax (greedy). Otherwise p = softmax(logits / temperature), keeping only
+    the top_k most likely tokens, the smallest set whose probability reaches top_p, and the
+    tokens with p >= min_p * max(p); then one draw from what is left.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -561,7 +647,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    probs = logits.softmax(dim=-1)                                        # (B, V)
+    if min_p is not None and min_p > 0:
+        # p < min_p * p_max is dropped: a cut-off that follows how confident the model is
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 

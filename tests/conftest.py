@@ -30,3 +30,19 @@ def tiny_pretrained(tmp_path_factory):
     write_jsonl(folder / "train.jsonl", train)
     write_jsonl(folder / "eval.jsonl", held_out)
     return folder
+
+
+# ---- shared by test_inference.py, test_serve.py and test_web.py: a tiny model that has learned one line ----
+@pytest.fixture(scope="session")
+def hello_ckpt(tmp_path_factory):
+    """A 1-layer model trained on "hello world, 你好世界。" until it repeats it (English and Chinese):
+    its answers are never empty, and it never learned to produce a stop token."""
+    folder = tmp_path_factory.mktemp("hello")
+    (folder / "text.txt").write_text("hello world, 你好世界。\n" * 300, encoding="utf-8")
+    import pretrain
+    pretrain.main(["--data", str(folder / "text.txt"), "--tokenizer", str(folder / "tok.json"),
+                   "--vocab_size", "280", "--cache_dir", str(folder / "cache"), "--out_dir", str(folder / "run"),
+                   "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "48",
+                   "--batch_size", "4", "--max_steps", "30", "--eval_interval", "30", "--lr", "1e-2",
+                   "--sample_tokens", "0", "--time_budget", "0"])
+    return folder / "run"

@@ -1,0 +1,367 @@
+"""
+engine.py -- the generation engine behind inference.py (REPL, one-shot, jsonl) and serve.py (HTTP API).
+
+    text or messages --(chat template)--> ids --(model.generate_stream)--> token ids
+        --(UTF-8 decoder, stop strings)--> pieces of text, streamed as they are ready
+
+An `Engine` holds a model, its tokenizer and whether it chats. It turns prompts into
+ids (refusing, in one line, what does not fit the context) and streams answers for a
+batch of prompts at once: prompts of different lengths are left-padded, and every row
+keeps its own token limit, stop strings and UTF-8 decoder; the batch ends when every
+row is done.
+
+`SamplingParams` are the knobs of one answer (temperature, top-k, top-p, min-p,
+penalties, length, stop strings, seed), checked in one place for the command line,
+the REPL's /set and the server alike.
+
+Other model types: `Engine.stream` is the one place that calls `model.generate_stream`
+and `Engine.room` the one place that says how many tokens fit after a prompt. A model
+with its own `generate_stream(idx, max_new_tokens, ..., pad_lengths=...)` that yields
+(B,) tokens (an encoder-decoder: encoder ids in, decoder tokens out) plugs in there.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from model import left_pad
+from tokenizer.chat import render_chat
+from training import (arg, check_tokenizer_matches, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
+                      resolve_device)
+
+CHAT_STAGES = ("sft", "dpo", "lora", "lora_merged")     # checkpoints that expect the chat template
+MAKE_COMMANDS = {"pretrain": "python pretrain.py", "sft": "python full_sft.py", "dpo": "python dpo.py",
+                 "lora": "python lora.py", "lora_merged": "python lora.py --merge"}   # folder name -> maker
+
+
+# ----------------------------------------------------------------------------------
+# Sampling settings
+
+
+@dataclass
+class SamplingParams:
+    """How one answer is sampled. Defaults suit small models: a little randomness, no long tail."""
+    temperature: float = arg(0.7, "0 = greedy (always the most likely token); higher = more random")
+    top_k: int = arg(40, "sample only among the k most likely tokens (0 = off)")
+    top_p: float = arg(0.9, "sample only among the most likely tokens whose probabilities add up to "
+                            "top_p (1 = off); must be in (0, 1]")
+    min_p: float = arg(0.05, "drop tokens less likely than min_p x the most likely one (0 = off)")
+    repetition_penalty: float = arg(1.1, "divide the logit of every token already in the text by this "
+                                         "(1 = off; >1 discourages loops, which small models love)")
+    frequency_penalty: float = arg(0.0, "subtract this x (times the token was generated) from its logit (OpenAI style)")
+    presence_penalty: float = arg(0.0, "subtract this from the logit of every token generated at least once")
+    max_new_tokens: int = arg(200, "longest answer in tokens (also ends at the context's end)")
+    stop: tuple = arg((), "stop strings: the answer ends before the first one (\\n is a newline)", nargs="*", type=str)
+    seed: int = arg(-1, "random seed (-1 = different every run)")
+
+    def validate(self, flag_prefix: str = "") -> "SamplingParams":
+        """Raise ValueError (one line, naming the setting) for values that cannot work."""
+        checks = [("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+                  ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+                  ("min_p", 0 <= self.min_p <= 1, "in [0, 1] (0 = off)"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)"),
+                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2] (0 = off)"),
+                  ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2] (0 = off)"),
+                  ("max_new_tokens", self.max_new_tokens >= 1, "at least 1")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{flag_prefix}{name} must be {rule}, got {getattr(self, name)}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"{flag_prefix}stop strings must be non-empty text, got {list(self.stop)}")
+        return self
+
+    def model_kwargs(self) -> dict:
+        """The keyword arguments of GPT.generate_stream."""
+        return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p,
+                    min_p=self.min_p or None, repetition_penalty=self.repetition_penalty,
+                    frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def of(cls, config) -> "SamplingParams":
+        """The sampling fields of a larger config (InferenceConfig, ServeConfig)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> "SamplingParams":
+        """Always the most likely token, no penalties: reproducible (evaluation, tests)."""
+        return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                   max_new_tokens=max_new_tokens)
+
+
+def unescape(text: str) -> str:
+    r"""'\n' and '\t' typed on a command line -> newline and tab (other text unchanged)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+@dataclass
+class LoadConfig(SamplingParams):
+    """Which model to load and how: shared by inference.py and serve.py (plus the sampling defaults)."""
+    ckpt: str = arg("weight/pretrain", "checkpoint folder (pretrain.py, full_sft.py, dpo.py, lora.py --merge)")
+    init_from: str = arg("", "the same as --ckpt (the name the training scripts use)")
+    lora: str = arg("", "LoRA adapter folder (made by lora.py), applied on top of the base it was trained on")
+    tokenizer: str = arg("", "tokenizer file ('' = the checkpoint's own tokenizer.json)")
+    device: str = arg("auto", "auto | cpu | cuda | mps", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = arg("auto", "weights and KV cache: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16",
+                     choices=["auto", "float32", "bfloat16"])
+    chat: str = arg("auto", "chat template and history: auto (on for SFT/LoRA/DPO checkpoints), on, off",
+                    choices=["auto", "on", "off"])
+
+
+# ----------------------------------------------------------------------------------
+# Token ids -> text, one row at a time
+
+
+class TextStream:
+    """Token ids in, printable text out, for one answer.
+
+    Two things are held back until they are settled: bytes of a UTF-8 character split
+    over several tokens (common in Chinese: one character is 3 bytes), and text that
+    could be the beginning of a stop string. When a stop string appears, the text ends
+    just before it and `stopped` is set.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop = tuple(stop)
+        self.pending = ""          # decoded, not yet released: might start a stop string
+        self.text = ""             # everything released so far
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now safe to show ('' if none, and after a stop)."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release(min(hits), drop_rest=True)
+        # keep back the longest tail of pending that is the start of some stop string
+        keep = max((n for s in self.stop for n in range(1, min(len(s), len(self.pending) + 1))
+                    if self.pending.endswith(s[:n])), default=0)
+        return self._release(len(self.pending) - keep)
+
+    def finish(self) -> str:
+        """The answer is over (stop token or length): release what was held back."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._release(len(self.pending))
+
+    def _release(self, upto: int, drop_rest: bool = False) -> str:
+        out, self.pending = self.pending[:upto], ("" if drop_rest else self.pending[upto:])
+        self.text += out
+        return out
+
+
+@dataclass
+class Delta:
+    """A piece of one row's answer. The last delta of a row has finish_reason set:
+    "stop" (a stop token or stop string) or "length" (max_new_tokens or the context's end)."""
+    row: int
+    text: str
+    tokens: int                          # tokens generated for this row so far
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Stats:
+    """Timing of the last generation: prefill (time to first token), then decoding."""
+    prompt_tokens: int = 0           # real tokens over all rows (padding not counted)
+    new_tokens: int = 0              # tokens generated over all rows
+    first_token_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        return (f"[{self.new_tokens} tokens in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tokens/s; "
+                f"prompt {self.prompt_tokens} tokens, first token after {self.first_token_seconds * 1000:.0f} ms]")
+
+
+# ----------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """A model, its tokenizer, and whether it is a chat model; generates text for prompts."""
+
+    def __init__(self, model, tokenizer, chat: bool, name: str = "model", stop_tokens: Sequence[int] | None = None):
+        self.model, self.tokenizer, self.chat, self.name = model.eval(), tokenizer, chat, name
+        self.device = next(model.parameters()).device
+        self.stop_tokens = tuple(stop_tokens) if stop_tokens is not None else end_tokens(tokenizer)
+        self.stats = Stats()
+
+    @classmethod
+    def load(cls, cfg: LoadConfig) -> "Engine":
+        """Load a checkpoint (or a LoRA adapter on its base) and its tokenizer, as cfg says."""
+        device = resolve_device(cfg.device)
+        ckpt = cfg.init_from or cfg.ckpt
+        if cfg.lora:   # the adapter names its base checkpoint; the tokenizer is the base's
+            model, ckpt_config = load_adapted_model(cfg.lora, device)
+            ckpt, ckpt_config["stage"] = ckpt_config["init_from"], "lora"
+            name = Path(cfg.lora).name
+        else:
+            model, ckpt_config = load_checkpoint(ckpt, device, make_hint=MAKE_COMMANDS.get(
+                Path(ckpt).name, "python pretrain.py"))
+            name = Path(ckpt).resolve().name
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+        model = model.to(getattr(torch, dtype))
+        if cfg.tokenizer:
+            from tokenizer import Tokenizer
+            tokenizer = Tokenizer.load(cfg.tokenizer)
+        else:
+            tokenizer = load_checkpoint_tokenizer(ckpt)
+        check_tokenizer_matches(ckpt_config, tokenizer, ckpt)
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {ckpt} expects "
+                             f"{model.config.vocab_size}: use the checkpoint's own tokenizer.json")
+        chat = cfg.chat == "on" or (cfg.chat == "auto" and ckpt_config.get("stage") in CHAT_STAGES)
+        return cls(model, tokenizer, chat, name)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.block_size
+
+    def room(self, prompt_length: int) -> int:
+        """How many new tokens fit after a prompt of this length."""
+        return self.context - prompt_length
+
+    # --- prompts -> ids --------------------------------------------------------
+
+    def text_ids(self, text: str) -> list[int]:
+        """A text to continue -> ids; refused in one line if it leaves no room to generate."""
+        ids = self.tokenizer.encode_ordinary(text) or [self.tokenizer.eot_id]
+        if self.room(len(ids)) < 1:
+            raise ValueError(f"prompt is {len(ids)} tokens, the model's context is {self.context}: shorten it")
+        return ids
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation -> ids ending with the assistant's header, ready for the answer."""
+        ids, _ = render_chat(messages, self.tokenizer, add_generation_prompt=True, where="messages")
+        if self.room(len(ids)) < 1:
+            raise ValueError(f"conversation is {len(ids)} tokens with the chat template, the model's context is "
+                             f"{self.context}: shorten it or start a new conversation")
+        return ids
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """ids for a conversation: the template for a chat model; a text model continues the last message."""
+        return self.chat_ids(messages) if self.chat else self.text_ids(messages[-1]["content"])
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A random number generator for sampling: seeded (reproducible) or not (seed < 0)."""
+        rng = torch.Generator(device=self.device)
+        return rng.manual_seed(seed) if seed >= 0 else rng.manual_seed(time.time_ns() % 2**63)
+
+    # --- generation ------------------------------------------------------------
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: list[int] | None = None,
+               stop: list[Sequence[str]] | None = None, generator: torch.Generator | None = None,
+               cancelled: Callable[[int], bool] = lambda row: False, use_cache: bool = True) -> Iterator[Delta]:
+        """Stream the answers to a batch of prompts (token id lists) as Deltas.
+
+        params gives the sampling (shared by the batch); max_new_tokens and stop, one per row,
+        default to params.max_new_tokens and params.stop. cancelled(row) -> True ends a row
+        early (a client that went away). Timing goes to self.stats.
+        """
+        n = len(prompts)
+        limits = [min(m, self.room(len(p))) for m, p in zip(max_new_tokens or [params.max_new_tokens] * n, prompts)]
+        rows = [TextStream(self.tokenizer, s) for s in (stop or [params.stop] * n)]
+        counts, done = [0] * n, [False] * n
+        idx, pad_lengths = left_pad(prompts, self.tokenizer.eot_id, self.device)      # (B, T), (B,)
+        self.stats = Stats(prompt_tokens=sum(len(p) for p in prompts))
+        start = time.perf_counter()
+        tokens = self.model.generate_stream(
+            idx, max(limits), stop_tokens=self.stop_tokens, use_cache=use_cache, pad_lengths=pad_lengths,
+            generator=generator if generator is not None else self.generator(params.seed), **params.model_kwargs())
+        try:
+            for step, next_tokens in enumerate(tokens):
+                if step == 0:
+                    self.stats.first_token_seconds = time.perf_counter() - start
+                for row, token in enumerate(next_tokens.tolist()):
+                    if done[row]:
+                        continue
+                    if token in self.stop_tokens or cancelled(row):
+                        done[row] = True
+                        yield Delta(row, rows[row].finish(), counts[row], "stop")
+                        continue
+                    counts[row] += 1
+                    self.stats.new_tokens += 1
+                    text = rows[row].push(token)
+                    if rows[row].stopped or counts[row] >= limits[row]:
+                        done[row] = True
+                        text += rows[row].finish()
+                        yield Delta(row, text, counts[row], "stop" if rows[row].stopped else "length")
+                    elif text:
+                        yield Delta(row, text, counts[row])
+                if all(done):
+                    break
+        finally:
+            tokens.close()
+            self.stats.seconds = time.perf_counter() - start
+        for row in range(n):          # the model reached the end of the context
+            if not done[row]:
+                yield Delta(row, rows[row].finish(), counts[row], "length")
+
+    def complete(self, prompts: list[list[int]], params: SamplingParams, batch_size: int = 16) -> list[Completion]:
+        """Whole answers for many prompts, batched (similar lengths together, left-padded)."""
+        budgets = [min(params.max_new_tokens, self.room(len(p))) for p in prompts]
+        results: list[Optional[Completion]] = [None] * len(prompts)
+        for batch in pack_batches([len(p) for p in prompts], budgets, self.context, batch_size):
+            texts = [""] * len(batch)
+            for d in self.stream([prompts[i] for i in batch], params, [budgets[i] for i in batch]):
+                texts[d.row] += d.text
+                if d.finish_reason:
+                    i = batch[d.row]
+                    results[i] = Completion(texts[d.row], d.finish_reason, len(prompts[i]), d.tokens)
+        return results
+
+
+def end_tokens(tokenizer) -> tuple[int, ...]:
+    """The ids that end an answer: <|endoftext|> and, where the vocabulary has it, <|im_end|>."""
+    ids = []
+    for name in ("eot_id", "im_end_id"):
+        try:
+            ids.append(getattr(tokenizer, name))
+        except ValueError:          # e.g. GPT-2's own vocabulary has no <|im_end|>
+            pass
+    return tuple(ids)
+
+
+def pack_batches(lengths: list[int], budgets: list[int], context: int, batch_size: int) -> list[list[int]]:
+    """Group prompt indices into batches of at most batch_size, sorted by length (little padding).
+
+    A left-padded batch is as long as its longest prompt, so a row may lose room at the end
+    of the context: a prompt joins a batch only if longest prompt + largest budget still fits.
+    """
+    batches, current = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        trial = current + [i]
+        fits = max(lengths[j] for j in trial) + max(budgets[j] for j in trial) <= context
+        if current and (len(trial) > batch_size or not fits):
+            batches.append(current)
+            trial = [i]
+        current = trial
+    return batches + ([current] if current else [])
