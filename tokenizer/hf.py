@@ -253,7 +253,8 @@ def read_tiktoken_file(path) -> dict[bytes, int]:
     return ranks
 
 
-def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list, where: str) -> tuple[dict[bytes, int], dict[str, int]]:
+def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list,
+                                where: str) -> tuple[dict[bytes, int], dict[str, int]]:
     """vocab {spelled token: id} + merges [(left, right), ...] -> (ranks {bytes: id}, added tokens {text: id}).
 
     Ordinary tokens are the 256 bytes and every merge result; any other vocab entry
@@ -276,6 +277,8 @@ def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list, where: str)
         if vocab[merged] <= previous:
             raise ValueError(f"{where}: merge {n} makes token id {vocab[merged]}, not above the previous merge's "
                              f"{previous}: tiktoken needs ids in merge order")
+        if spelled_to_bytes(merged) is None:
+            raise ValueError(f"{where}: merge {n} makes {merged!r}, which is not a byte-level token")
         previous = vocab[merged]
         ranks[spelled_to_bytes(merged)] = vocab[merged]
     ordinary = set(ranks.values())
@@ -310,8 +313,9 @@ def read_tokenizer_json(path) -> tuple[dict[bytes, int], dict[str, int], str, st
     d = json.loads(Path(path).read_text(encoding="utf-8"))
     model = d.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"{path}: a {model.get('type')} tokenizer{' with byte_fallback' * bool(model.get('byte_fallback'))}; "
-                         f"only byte-level BPE (GPT-2, Qwen2 style) is supported")
+        kind = "BPE tokenizer with byte_fallback (SentencePiece style)" if model.get("byte_fallback") \
+            else f"{model.get('type')} tokenizer"
+        raise ValueError(f"{path}: a {kind}; only byte-level BPE (GPT-2, Qwen2 style) is supported")
     ranks, added = ranks_from_vocab_and_merges(model["vocab"], model["merges"], str(path))
     added.update({t["content"]: t["id"] for t in d.get("added_tokens", [])})
     pattern = pattern_from_pre_tokenizer(d.get("pre_tokenizer"), str(path))

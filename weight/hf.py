@@ -312,10 +312,10 @@ def import_tensor(ours: str, cfg: ModelConfig, reader: SafetensorsReader) -> tor
         fused = reader.read(f"transformer.h.{i}.attn.c_attn.{param}")       # (C, 3C) or (3C,)
         if param == "weight":
             fused = fused.T                                                  # (3C, C)
-        return fused.chunk(3, dim=0)["qkv".index(module[-6])]
+        return fused.chunk(3, dim=0)["qkv".index(module[-6])].contiguous()
     tensor = reader.read(hf_name(ours, "gpt2"))
     if param == "weight" and module.split(".", 2)[-1] in GPT2_CONV1D:
-        tensor = tensor.T                                                    # (in, out) -> (out, in)
+        tensor = tensor.T.contiguous()                                       # (in, out) -> (out, in)
     return tensor
 
 
@@ -367,10 +367,13 @@ def load_hf_checkpoint(folder, device="cpu", dtype: torch.dtype = torch.float32)
     hf = read_hf_config(folder)
     tokenizer = tokenizer_for_weights(folder, hf, embedding_rows(SafetensorsReader(folder), hf))
     model = load_hf_model(folder, device, dtype, hf, vocab_size=tokenizer.vocab_size)
+    tokenizer_config = folder / "tokenizer_config.json"
+    has_template = tokenizer_config.exists() and "chat_template" in json.loads(tokenizer_config.read_text("utf-8"))
     config = {"model": model.config.to_dict(), "stage": "hf_import",
               "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
               "hf": {"folder": str(folder), "model_type": hf["model_type"],
-                     "architectures": hf.get("architectures"), "original_vocab_rows": hf.get("vocab_size")}}
+                     "architectures": hf.get("architectures"), "original_vocab_rows": hf.get("vocab_size"),
+                     "chat_template": has_template}}   # Qwen folders have one (base and instruct alike)
     return model, config
 
 

@@ -1,0 +1,462 @@
+"""
+serve.py -- a model behind an OpenAI-compatible HTTP API, with a web chat page.
+
+    python serve.py                               # weight/pretrain at http://127.0.0.1:8000/
+    python serve.py --ckpt weight/sft --port 8080 # a chat model; open the page in a browser
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
+         -d '{"model": "sft", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+
+    from openai import OpenAI                     # any OpenAI client works
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "hi"}])
+
+Endpoints: GET /v1/models, POST /v1/chat/completions and POST /v1/completions (with
+"stream": true they answer as server-sent events, token by token), GET / (the chat
+page, web/index.html). Every request is checked first (model, roles, max_tokens,
+sampling values, prompt length) and a bad one gets a 4xx JSON error in OpenAI's shape
+{"error": {"message", "type", "param", "code"}}; the server keeps serving.
+
+Concurrency: one worker thread owns the model. Requests wait in a queue; whatever is
+waiting when the worker is free is generated together as one left-padded batch (those
+with the same sampling settings; a seeded request runs alone, so its seed reproduces).
+Every row streams into its own queue, so answers never mix. FastAPI + uvicorn do the
+HTTP: parsing, validation, streaming responses, many connections at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+from engine import Delta, Engine, LoadConfig, SamplingParams, unescape
+from tokenizer.chat import check_messages
+from training import ROOT, arg, main_guard, parse_config
+
+WEB_PAGE = ROOT / "web" / "index.html"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig(LoadConfig):
+    host: str = arg("127.0.0.1", "address to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every network "
+                                 "this machine is on (anyone there can use the model)")
+    port: int = arg(8000, "port to listen on")
+    model_name: str = arg("", "the model id clients ask for ('' = the checkpoint folder's name)")
+    max_batch: int = arg(16, "most requests generated together as one batch")
+
+
+# ----------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status + {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# ----------------------------------------------------------------------------------
+# The worker: one thread, one model, batches of queued requests
+
+
+@dataclass
+class Job:
+    """One answer to generate. The worker puts Deltas (or an exception) into `deltas`."""
+    ids: list[int]
+    params: SamplingParams
+    budget: int                                   # tokens it may generate (max_tokens, within the context)
+    loop: asyncio.AbstractEventLoop
+    deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False                       # the client went away: stop generating for it
+
+    def put(self, item):
+        """Called from the worker thread: hand the item to the event loop that awaits it."""
+        self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
+
+
+class BatchWorker:
+    """Takes jobs from a queue and runs them in batches on the engine, in its own thread."""
+
+    def __init__(self, engine: Engine, max_batch: int):
+        self.engine, self.max_batch = engine, max_batch
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.rng = engine.generator(-1)          # unseeded requests share one random stream
+        self.largest_batch = 0                   # for the curious (and the tests): did batching happen?
+        threading.Thread(target=self.run, name="generation", daemon=True).start()
+
+    def submit(self, job: Job):
+        self.jobs.put(job)
+
+    def run(self):
+        waiting: list[Job] = []
+        while True:
+            if not waiting:
+                waiting.append(self.jobs.get())      # sleep until there is work
+            while not self.jobs.empty():             # then take everything that has arrived
+                waiting.append(self.jobs.get())
+            waiting = [job for job in waiting if not job.cancelled]
+            if waiting:
+                batch = self.next_batch(waiting)
+                waiting = [job for job in waiting if all(job is not b for b in batch)]
+                self.generate(batch)
+
+    def next_batch(self, waiting: list[Job]) -> list[Job]:
+        """The oldest job, plus later ones that can share its batch: the same sampling settings,
+        no seed, and longest prompt + largest budget within the context (see engine.pack_batches)."""
+        batch = [waiting[0]]
+        if waiting[0].params.seed >= 0:
+            return batch
+        settings = waiting[0].params.model_kwargs()
+        for job in waiting[1:]:
+            trial = batch + [job]
+            if (len(trial) <= self.max_batch and job.params.seed < 0 and job.params.model_kwargs() == settings
+                    and max(len(j.ids) for j in trial) + max(j.budget for j in trial) <= self.engine.context):
+                batch = trial
+        return batch
+
+    def generate(self, batch: list[Job]):
+        params = batch[0].params
+        rng = self.engine.generator(params.seed) if params.seed >= 0 else self.rng
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            for delta in self.engine.stream([j.ids for j in batch], params, [j.budget for j in batch],
+                                            [j.params.stop for j in batch], rng,
+                                            cancelled=lambda row: batch[row].cancelled):
+                batch[delta.row].put(delta)
+        except Exception as e:   # noqa: BLE001 -- every waiting client hears of it; the worker lives on
+            for job in batch:
+                job.put(e)
+
+
+async def deltas_of(job: Job):
+    """A job's deltas as they arrive, up to the one with finish_reason. If the caller stops
+    early (a streaming client disconnected), the row is cancelled."""
+    try:
+        while True:
+            delta = await job.deltas.get()
+            if isinstance(delta, Exception):
+                raise ApiError(500, f"generation failed: {type(delta).__name__}: {delta}")
+            yield delta
+            if delta.finish_reason:
+                return
+    finally:
+        job.cancelled = True
+
+
+# ----------------------------------------------------------------------------------
+# Requests
+
+
+class GenerationRequest(BaseModel):
+    """Fields both endpoints share (OpenAI's names; top_k, min_p, repetition_penalty as in vLLM).
+    Unset fields take the server's defaults (its --temperature etc.)."""
+    model_config = ConfigDict(extra="ignore")    # clients send more fields (user, logprobs...): ignore them
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[dict] = None
+
+
+class ChatRequest(GenerationRequest):
+    messages: list
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Union[str, list[str]]
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+                   "presence_penalty", "seed")
+
+
+def text_of(content) -> str:
+    """A message's content: a string, or OpenAI's list of parts [{"type": "text", "text": ...}]."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return content
+
+
+class Api:
+    """The endpoints' logic, around one engine and one worker."""
+
+    def __init__(self, engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int):
+        self.engine, self.defaults, self.model_name = engine, defaults, model_name
+        self.worker = BatchWorker(engine, max_batch)
+
+    def check_model(self, request: GenerationRequest):
+        if request.model not in (None, "", self.model_name):
+            raise ApiError(404, f"model {request.model!r} not found: this server serves {self.model_name!r} "
+                                f"(GET /v1/models)", "model", "model_not_found")
+        if request.n != 1:
+            raise ApiError(400, f"n must be 1 (one answer per request), got {request.n}", "n")
+
+    def sampling(self, request: GenerationRequest) -> SamplingParams:
+        """The request's settings over the server's defaults, checked."""
+        changes = {name: getattr(request, name) for name in SAMPLING_FIELDS if getattr(request, name) is not None}
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        if max_tokens is not None:
+            if not 1 <= max_tokens <= self.engine.context:
+                raise ApiError(400, f"max_tokens must be between 1 and {self.engine.context} (the model's "
+                                    f"context), got {max_tokens}", "max_tokens")
+            changes["max_new_tokens"] = max_tokens
+        if request.stop is not None:
+            changes["stop"] = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
+        try:
+            return self.defaults.replace(**changes).validate()
+        except ValueError as e:
+            raise ApiError(400, str(e), str(e).split()[0]) from None
+
+    def submit(self, ids: list[int], params: SamplingParams) -> Job:
+        budget = min(params.max_new_tokens, self.engine.room(len(ids)))
+        job = Job(ids, params, budget, asyncio.get_running_loop())
+        self.worker.submit(job)
+        return job
+
+    def models(self) -> dict:
+        defaults = {name: getattr(self.defaults, name) for name in SAMPLING_FIELDS}
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": 0, "owned_by": "llm-workshop",
+            # beyond OpenAI's fields, for the web page: what the model is and the server's defaults
+            "context_length": self.engine.context, "chat": self.engine.chat,
+            "defaults": {**defaults, "max_tokens": min(self.defaults.max_new_tokens, self.engine.context)}}]}
+
+    # --- /v1/chat/completions ---------------------------------------------------------
+
+    async def chat(self, request: ChatRequest):
+        self.check_model(request)
+        messages = [{"role": "system" if m.get("role") == "developer" else m.get("role"),
+                     "content": text_of(m.get("content"))} if isinstance(m, dict) else m for m in request.messages]
+        try:
+            check_messages(messages, where="messages")
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        params = self.sampling(request)
+        try:
+            ids = self.engine.prompt_ids(messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+        job = self.submit(ids, params)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
+        if request.stream:
+            def chunk(delta: dict, finish_reason=None) -> dict:
+                return {**head, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            return sse_response(job, chunk({"role": "assistant", "content": ""}),
+                                lambda d: chunk({"content": d.text}), lambda d: chunk({}, d.finish_reason),
+                                head, "chat.completion.chunk", include_usage(request))
+        text, last = await collect(job)
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": last.finish_reason}], "usage": usage(job, last)}
+
+    # --- /v1/completions ----------------------------------------------------------------
+
+    async def complete(self, request: CompletionRequest):
+        self.check_model(request)
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not prompts or (request.stream and len(prompts) > 1):
+            raise ApiError(400, "prompt must be one text (or a non-empty list of texts without streaming)", "prompt")
+        params = self.sampling(request)
+        try:
+            all_ids = [self.engine.text_ids(p) for p in prompts]
+        except ValueError as e:
+            raise ApiError(400, str(e), "prompt", "context_length_exceeded") from None
+        jobs = [self.submit(ids, params) for ids in all_ids]
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
+
+        def choice(i: int, text: str, finish_reason=None) -> dict:
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if request.stream:
+            def chunk(text: str, finish_reason=None) -> dict:
+                return {**head, "object": "text_completion", "choices": [choice(0, text, finish_reason)]}
+            return sse_response(jobs[0], None, lambda d: chunk(d.text), lambda d: chunk("", d.finish_reason),
+                                head, "text_completion", include_usage(request))
+        results = await asyncio.gather(*(collect(job) for job in jobs))
+        tokens = sum(last.tokens for _, last in results)
+        prompt_tokens = sum(len(ids) for ids in all_ids)
+        return {**head, "object": "text_completion",
+                "choices": [choice(i, text, last.finish_reason) for i, (text, last) in enumerate(results)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                          "total_tokens": prompt_tokens + tokens}}
+
+
+async def collect(job: Job) -> tuple[str, Delta]:
+    """The whole answer of a job and its last delta (finish_reason, token count)."""
+    text, last = "", None
+    async for delta in deltas_of(job):
+        text, last = text + delta.text, delta
+    return text, last
+
+
+def usage(job: Job, last: Delta) -> dict:
+    return {"prompt_tokens": len(job.ids), "completion_tokens": last.tokens, "total_tokens": len(job.ids) + last.tokens}
+
+
+def include_usage(request: GenerationRequest) -> bool:
+    return bool((request.stream_options or {}).get("include_usage"))
+
+
+def sse_response(job: Job, first: Optional[dict], piece, finish, head: dict, kind: str, with_usage: bool):
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`.
+    first: an opening chunk (chat sends the role); piece(delta) / finish(delta) build the others."""
+
+    def event(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def events():
+        if first is not None:
+            yield event(first)
+        try:
+            async for delta in deltas_of(job):
+                if delta.text:
+                    yield event(piece(delta))
+                if delta.finish_reason:
+                    yield event(finish(delta))
+                    if with_usage:
+                        yield event({**head, "object": kind, "choices": [], "usage": usage(job, delta)})
+        except ApiError as e:
+            yield event({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}})
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ----------------------------------------------------------------------------------
+# The app
+
+
+def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int = 16) -> FastAPI:
+    """The FastAPI application: routes, error handlers, and a worker thread for the engine."""
+    api = Api(engine, defaults, model_name, max_batch)
+    app = FastAPI(title="LLM workshop", docs_url=None, redoc_url=None)   # the docs pages would need a CDN
+    app.state.api = api
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_, e: RequestValidationError):
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "")
+            return ApiError(400, f"the request body is not valid JSON ({reason}): send a JSON object").response()
+        where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+        return ApiError(400, f"{where}: {first['msg']}", where).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        if e.status_code == 404:
+            message += " (the API lives under /v1: /v1/models, /v1/chat/completions, /v1/completions)"
+        return ApiError(e.status_code, message).response()
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(WEB_PAGE, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models():
+        return api.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatRequest):
+        return await api.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        return await api.complete(request)
+
+    return app
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """A listening socket, or one clear line if the address cannot be used (port 0 = any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port, "
+                         f"or stop what is using it") from None
+    return sock
+
+
+def make_server(app: FastAPI, log_level: str = "info") -> uvicorn.Server:
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=1))
+
+
+@contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+    """Serve app from a background thread (tests, notebooks): yields the base URL, stops on exit."""
+    sock = open_socket(host, port)
+    server = make_server(app, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def main(argv=None):
+    cfg = parse_config(ServeConfig, __doc__.split("\n\n")[0].strip(), argv)
+    cfg.stop = tuple(unescape(s) for s in cfg.stop)
+    defaults = SamplingParams.of(cfg).validate(flag_prefix="--")
+    if cfg.max_batch < 1:
+        raise ValueError(f"--max_batch must be at least 1, got {cfg.max_batch}")
+    engine = Engine.load(cfg)
+    name = cfg.model_name or engine.name
+    sock = open_socket(cfg.host, cfg.port)
+    app = create_app(engine, defaults, name, cfg.max_batch)
+    if cfg.host not in LOOPBACK:
+        print(f"warning: listening on {cfg.host}: anyone who can reach this machine can use the model")
+    url = f"http://{'localhost' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{sock.getsockname()[1]}"
+    print(f"{engine.model.summary()}\nserving {name!r} ({'chat' if engine.chat else 'text continuation'}): "
+          f"chat page {url}/   API {url}/v1   (Ctrl-C stops)")
+    make_server(app).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main_guard(main)

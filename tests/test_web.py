@@ -1,0 +1,80 @@
+"""web/index.html: headless Chromium loads the chat page, sends a message and sees the answer stream in."""
+import json
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from engine import Engine, LoadConfig, SamplingParams
+from serve import create_app, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "bench" / "results" / "web_chat.png"        # git-ignored: look at it after a run
+CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a test dependency (requirements-dev.txt)")
+if not (CHROMIUM and DRIVER):
+    pytest.skip("chromium and chromedriver are not installed (setup.sh installs Debian's chromium and "
+                "chromium-driver)", allow_module_level=True)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def url(hello_ckpt):
+    engine = Engine.load(LoadConfig(ckpt=str(hello_ckpt), chat="on"))
+    with running_server(create_app(engine, SamplingParams(), "hello")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    # headless as root, and nothing that would try to reach the network (it would hang here)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1100,700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def greedy_answer(base: str, text: str, max_tokens: int) -> str:
+    body = json.dumps({"messages": [{"role": "user", "content": text}], "temperature": 0,
+                       "max_tokens": max_tokens}).encode()
+    request = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())["choices"][0]["message"]["content"]
+
+
+def test_the_page_streams_an_answer_and_starts_a_new_chat(url, browser):
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    assert "hello: chat model" in browser.find_element(By.ID, "model-info").text
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")                                   # greedy: the answer is known in advance
+    max_tokens = int(browser.find_element(By.ID, "max_tokens").get_attribute("value"))
+
+    browser.find_element(By.ID, "input").send_keys("hello 你好")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.assistant .meta"))   # the answer is complete
+    bubble = browser.find_element(By.CSS_SELECTOR, ".message.assistant")
+    shown = browser.execute_script("return arguments[0].firstChild.textContent", bubble)
+    assert shown == greedy_answer(url, "hello 你好", max_tokens)
+    assert int(bubble.get_attribute("data-chunks")) > 3           # it arrived piece by piece
+    assert "tokens/s" in bubble.find_element(By.CLASS_NAME, "meta").text
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(SCREENSHOT))
+
+    browser.find_element(By.ID, "new-chat").click()
+    assert browser.find_elements(By.CSS_SELECTOR, ".message") == []
