@@ -15,9 +15,9 @@ penalties, length, stop strings, seed), checked in one place for the command lin
 the REPL's /set and the server alike.
 
 Other model types: `Engine.stream` is the one place that calls `model.generate_stream`
-and `Engine.room` the one place that says how many tokens fit after a prompt. A model
-with its own `generate_stream(idx, max_new_tokens, ..., pad_lengths=...)` that yields
-(B,) tokens (an encoder-decoder: encoder ids in, decoder tokens out) plugs in there.
+and `Engine.room` the one place that says how many tokens fit after a prompt. The
+encoder-decoder model (model.Seq2Seq) plugs in there: its `generate_stream` takes the
+same arguments, reads the prompt with its encoder and yields decoder tokens.
 """
 
 from __future__ import annotations
@@ -245,8 +245,15 @@ class Engine:
     def context(self) -> int:
         return self.model.config.block_size
 
+    @property
+    def seq2seq(self) -> bool:
+        """An encoder-decoder model: the prompt goes to the encoder, the answer has a context of its own."""
+        return bool(getattr(self.model.config, "n_encoder_layer", 0))
+
     def room(self, prompt_length: int) -> int:
         """How many new tokens fit after a prompt of this length."""
+        if self.seq2seq:   # the decoder starts with one start token; the source must fit the encoder
+            return self.context - 1 if prompt_length <= self.context else 0
         return self.context - prompt_length
 
     # --- prompts -> ids --------------------------------------------------------
@@ -329,7 +336,9 @@ class Engine:
         """Whole answers for many prompts, batched (similar lengths together, left-padded)."""
         budgets = [min(params.max_new_tokens, self.room(len(p))) for p in prompts]
         results: list[Optional[Completion]] = [None] * len(prompts)
-        for batch in pack_batches([len(p) for p in prompts], budgets, self.context, batch_size):
+        # left padding shares one context between prompt and answer; an encoder-decoder's answer has its own
+        limit = self.context if not self.seq2seq else float("inf")
+        for batch in pack_batches([len(p) for p in prompts], budgets, limit, batch_size):
             texts = [""] * len(batch)
             for d in self.stream([prompts[i] for i in batch], params, [budgets[i] for i in batch]):
                 texts[d.row] += d.text

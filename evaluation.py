@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import DEFAULT_CHAT_DIR, IGNORE_INDEX, batch_targets, collate
+from data.chat_data import DEFAULT_CHAT_DIR, IGNORE_INDEX, batch_targets, chat_collate
 from data.corpus_tasks import DEFAULT_CHOICE_PATH, build_choice_items
 from tokenizer.chat import render_chat
 from training import (ROOT, arg, atomic_write_text, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
@@ -49,9 +49,9 @@ def greedy_answers(model, tokenizer, conversations: list[list[dict]], max_new_to
     from engine import Engine, SamplingParams   # the batched generation of inference.py and serve.py
     prompts = [render_chat(c[:-1], tokenizer, add_generation_prompt=True)[0] for c in conversations]
     answers = [""] * len(prompts)
-    fits = [i for i, ids in enumerate(prompts) if len(ids) < model.config.block_size]  # no room: counts as wrong
+    engine = Engine(model, tokenizer, chat=True, stop_tokens=(tokenizer.im_end_id,))
+    fits = [i for i, ids in enumerate(prompts) if engine.room(len(ids)) > 0]    # no room: counts as wrong
     if fits:
-        engine = Engine(model, tokenizer, chat=True, stop_tokens=(tokenizer.im_end_id,))
         done = engine.complete([prompts[i] for i in fits], SamplingParams.greedy(max_new_tokens), batch_size)
         for i, completion in zip(fits, done):
             answers[i] = completion.text
@@ -83,45 +83,51 @@ def format_report(report: dict) -> str:
     return f"exact match {report['accuracy']:.1%} on {report['n']} held-out items ({families})"
 
 
-def choice_sequences(item: dict, tokenizer, block_size: int) -> list[tuple[list[int], int]]:
-    """(ids, n_option_tokens) for each option: the context's ids followed by the option's.
+def choice_examples(item: dict, tokenizer, model_config) -> list:
+    """One training-style example per option, scoring only the option's tokens.
 
     A raw-text item continues "context"; a chat item ("messages") is rendered with the
-    chat template and the option is the assistant's answer, closed by <|im_end|>. Contexts
-    too long for the model lose their oldest tokens.
+    chat template and the option is the assistant's answer, closed by <|im_end|>. A
+    decoder-only model gets the context followed by the option as one sequence (targets
+    only on the option); an encoder-decoder model gets (context, option) as (source, target).
+    Contexts too long for the model lose their oldest tokens.
     """
     if "messages" in item:
         context = render_chat(item["messages"], tokenizer, add_generation_prompt=True)[0]
         options = [tokenizer.encode_ordinary(o) + [tokenizer.im_end_id] for o in item["options"]]
     else:
-        context = tokenizer.encode_ordinary(item["context"])
+        context = tokenizer.encode_ordinary(item["context"]) or [tokenizer.eot_id]
         options = [tokenizer.encode_ordinary(o) for o in item["options"]]
-    sequences = []
+    block_size = model_config.block_size
+    examples = []
     for option in options:
-        keep = block_size + 1 - len(option)                # ids are inputs + one last target
-        sequences.append((context[max(0, len(context) - keep):] + option, len(option)))
-    return sequences
+        option = option[:block_size]                       # an option longer than the context: its start only
+        if model_config.n_encoder_layer:
+            examples.append((torch.tensor(context[-block_size:]), torch.tensor(option)))
+            continue
+        keep = max(1, block_size + 1 - len(option))        # ids are inputs + one last target
+        ids = context[max(0, len(context) - keep):] + option
+        x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        y[:len(y) - len(option)] = IGNORE_INDEX             # only the option's tokens are scored
+        examples.append((x, y))
+    return examples
 
 
 @torch.no_grad()
 def option_logprobs(model, tokenizer, items: list[dict], batch_size: int = 64) -> list[list[float]]:
     """log p(option | context) summed over the option's tokens, for every option of every item."""
     device = next(model.parameters()).device
-    flat = [(i, j, ids, n) for i, item in enumerate(items)
-            for j, (ids, n) in enumerate(choice_sequences(item, tokenizer, model.config.block_size))]
-    flat.sort(key=lambda row: len(row[2]))                 # similar lengths together: little padding
+    flat = [(i, j, example) for i, item in enumerate(items)
+            for j, example in enumerate(choice_examples(item, tokenizer, model.config))]
+    flat.sort(key=lambda row: sum(len(t) for t in row[2]))   # similar lengths together: little padding
+    collate_fn = chat_collate(model.config, tokenizer)
     scores = [[0.0] * len(item["options"]) for item in items]
     model.eval()
     for start in range(0, len(flat), batch_size):
         chunk = flat[start:start + batch_size]
-        examples = []
-        for _, _, ids, n in chunk:
-            x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-            y[:len(y) - n] = IGNORE_INDEX                   # only the option's tokens are scored
-            examples.append((x, y))
-        x, y = collate(examples, tokenizer.eot_id)
-        _, loss = model(x.to(device), y.to(device), reduction="none")    # (b, T) nats, 0 where ignored
-        for (i, j, _, _), nats in zip(chunk, loss.float().sum(dim=1).tolist()):
+        batch = [t.to(device) for t in collate_fn([example for _, _, example in chunk])]
+        _, loss = model(*batch, reduction="none")                       # (b, T) nats, 0 where ignored
+        for (i, j, _), nats in zip(chunk, loss.float().sum(dim=1).tolist()):
             scores[i][j] = -nats
     return scores
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -479,14 +479,17 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if last_only:
             x = x[:, -1:, :]                                             # (B, 1, C)
-        x = self.final_norm(x)
-        logits = self.lm_head(x)                                         # (B, T, V)
+        return self.head_and_loss(x, targets, reduction)
+
+    def head_and_loss(self, x: torch.Tensor, targets: Optional[torch.Tensor], reduction: str = "mean"):
+        """Final norm and output head: x (B, T, C) -> logits (B, T, V), and the cross-entropy on targets."""
+        logits = self.lm_head(self.final_norm(x))                        # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction=reduction)
         if reduction == "none":
-            loss = loss.view(B, T)
+            loss = loss.view(targets.shape)
         elif self.training and self.config.n_experts:
             loss = loss + self.config.aux_loss_coef * self.moe_aux_loss()   # keep the experts evenly loaded
         return logits, loss
@@ -522,19 +525,16 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
 
     @torch.no_grad()
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                        top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
-                        repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                        presence_penalty: float = 0.0, stop_tokens: tuple = (), use_cache: bool = True,
-                        generator: Optional[torch.Generator] = None,
-                        pad_lengths: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
+                        pad_lengths: Optional[torch.Tensor] = None, **sampling) -> Iterator[torch.Tensor]:
         """Yield new tokens (B,) one step at a time after the prompt idx (B, T).
 
         With the cache: one forward over the prompt (prefill), then one token per step.
         Without it: the whole sequence is recomputed every step (slow; for comparison).
         pad_lengths (B,): prompts of different lengths, left-padded (see left_pad).
-        A row is done at its first stop token (its later tokens mean nothing); the loop ends
-        when every row is done, after max_new_tokens, or at the end of the context.
+        sampling: temperature, top_k, top_p, min_p, the penalties, stop_tokens, generator
+        (see decode_tokens). The loop ends when every row has produced a stop token, after
+        max_new_tokens, or at the end of the context.
         """
         B, T = idx.shape
         if T >= self.config.block_size:
@@ -544,41 +544,61 @@ class GPT(nn.Module):
         if pad_lengths is not None and not bool(pad_lengths.any()):
             pad_lengths = None                       # nothing padded: the plain causal path
         cache = self.new_kv_cache(B, T + max_new_tokens) if use_cache else None
-        penalize = repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
-        if penalize:
-            real = torch.ones_like(idx, dtype=torch.float32)             # (B, T): 1 = a real prompt token
-            if pad_lengths is not None:
-                real = (torch.arange(T, device=idx.device) >= pad_lengths.view(B, 1)).float()
-            seen = torch.zeros(B, self.config.vocab_size, device=idx.device).scatter_add_(1, idx, real) > 0  # (B, V)
-            counts = torch.zeros(B, self.config.vocab_size, device=idx.device)   # (B, V) times generated
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        stop = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
-        sequence, step_input = idx, idx
-        for _ in range(max_new_tokens):
-            if use_cache:
+
+        def next_logits(sequence, step_input):
+            if use_cache:                            # only the new tokens: the cache holds the rest
                 logits, _ = self(step_input, kv_cache=cache, pad_lengths=pad_lengths, last_only=True)
             else:
                 logits, _ = self(sequence, pad_lengths=pad_lengths, last_only=True)
-            logits = logits[:, -1, :]                                    # (B, V)
-            if penalize:
-                logits = apply_penalties(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
-            yield next_token
-            finished |= torch.isin(next_token, stop)
-            if finished.all():
-                return
-            step_input = next_token.unsqueeze(1)                         # (B, 1)
-            if penalize:
-                seen.scatter_(1, step_input, True)
-                counts.scatter_add_(1, step_input, torch.ones_like(step_input, dtype=counts.dtype))
-            if not use_cache:
-                sequence = torch.cat([sequence, step_input], dim=1)
+            return logits[:, -1, :]                                      # (B, V)
+        yield from decode_tokens(next_logits, idx, max_new_tokens, self.config.vocab_size,
+                                 seen_pad_lengths=pad_lengths, **sampling)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Prompt (B, T) -> prompt plus generated tokens (B, T + n)."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
+
+
+def decode_tokens(next_logits: Callable, start: torch.Tensor, max_new_tokens: int, vocab_size: int,
+                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                  presence_penalty: float = 0.0, stop_tokens: tuple = (), generator: Optional[torch.Generator] = None,
+                  seen_pad_lengths: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """The sampling loop shared by every model: yield one new token per row (B,) per step.
+
+    next_logits(sequence, step_input) -> logits (B, V) for the next position, where
+    sequence (B, t) is everything so far and step_input (B, n) what is new since the
+    last call (the whole start first, then one token). The tokens of `start` (minus
+    left padding, seen_pad_lengths) count as already seen for the repetition penalty.
+    A row is done at its first stop token (its later tokens mean nothing).
+    """
+    B, T = start.shape
+    penalize = repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
+    if penalize:
+        real = torch.ones_like(start, dtype=torch.float32)           # (B, T): 1 = a real prompt token
+        if seen_pad_lengths is not None:
+            real = (torch.arange(T, device=start.device) >= seen_pad_lengths.view(B, 1)).float()
+        seen = torch.zeros(B, vocab_size, device=start.device).scatter_add_(1, start, real) > 0   # (B, V)
+        counts = torch.zeros(B, vocab_size, device=start.device)     # (B, V) times generated
+    finished = torch.zeros(B, dtype=torch.bool, device=start.device)
+    stop = torch.tensor(list(stop_tokens), dtype=start.dtype, device=start.device)
+    sequence, step_input = start, start
+    for _ in range(max_new_tokens):
+        logits = next_logits(sequence, step_input)                   # (B, V)
+        if penalize:
+            logits = apply_penalties(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
+        yield next_token
+        finished |= torch.isin(next_token, stop)
+        if finished.all():
+            return
+        step_input = next_token.unsqueeze(1)                         # (B, 1)
+        if penalize:
+            seen.scatter_(1, step_input, True)
+            counts.scatter_add_(1, step_input, torch.ones_like(step_input, dtype=counts.dtype))
+        sequence = torch.cat([sequence, step_input], dim=1)
 
 
 def padded_attention_mask(pad_lengths: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -652,6 +672,197 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
         # p < min_p * p_max is dropped: a cut-off that follows how confident the model is
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------
+# Encoder-decoder (Seq2Seq): the same blocks, plus an encoder that reads the whole source
+
+
+class CrossAttention(nn.Module):
+    """The decoder's queries attend to the encoder's output, the memory: q from x, k and v from memory.
+
+    No causal mask (the whole source is known); padding in the source is masked out.
+    With RoPE, the keys are rotated by their source positions and the queries as if the
+    answer came right after the source (position source_length + t), so cross-attention
+    sees the same relative distances as a decoder-only model attending to its prompt.
+    During generation the memory's keys and values are computed once and reused.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.o_proj.is_residual_projection = True
+
+    def memory_kv(self, memory: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, S, C) -> keys and values (B, H, S, D), computed once per source."""
+        B, S, _ = memory.shape
+        k = self.k_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, S, D)
+        v = self.v_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        repeat = self.n_head // self.n_kv_head
+        return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)         # (B, H, S, D)
+
+    def forward(self, x, memory_kv, source_mask, rope=None):
+        """x (B, T, C); source_mask (B, 1, 1, S) bool, True = a real source token."""
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        k, v = memory_kv
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask)               # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class DecoderBlock(Block):
+    """A decoder-only block with cross-attention between self-attention and the feed-forward:
+
+        x + self_attn(norm(x))  ->  x + cross_attn(norm(x), memory)  ->  x + ffn(norm(x))
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.cross_norm = make_norm(config)
+        self.cross_attn = CrossAttention(config)
+
+    def forward(self, x, rope=None, kv_cache=None, memory=None, cross_rope=None):
+        memory_kv, source_mask = memory
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache))
+        x = x + self.resid_dropout(self.cross_attn(self.cross_norm(x), memory_kv, source_mask, cross_rope))
+        x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+class Seq2Seq(GPT):
+    """Encoder-decoder Transformer (ModelConfig.n_encoder_layer > 0), e.g. for a dialogue model:
+
+        source (B, S) -> encoder: n_encoder_layer blocks, every token sees every other -> memory (B, S, C)
+        target (B, T) -> decoder: n_layer blocks, causal self-attention + cross-attention to
+                         the memory + feed-forward -> logits (B, T, V)
+
+    The decoder reads [decoder_start_id, y1, ..., y_{T-1}] and learns to predict [y1, ..., yT].
+    One token embedding serves the encoder, the decoder and (tied) the output head. Weight
+    init, parameter counts, the MoE helpers and the KV cache (decoder self-attention only)
+    come from GPT; encoding, forward and generation are its own.
+    """
+
+    def __init__(self, config: ModelConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)        # decoder positions
+            self.enc_pos_emb = nn.Embedding(config.block_size, config.n_embd)    # encoder positions
+        else:   # twice the context: cross-attention queries sit after the source (source_length + t)
+            cos, sin = rope_tables(config.head_dim, 2 * config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(Block(config, i) for i in range(config.n_encoder_layer))
+        self.encoder_norm = make_norm(config)
+        self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    def rope_at(self, positions: torch.Tensor):
+        """RoPE tables at positions (T,) -> (T, D) each, or (B, T) -> (B, 1, T, D) each; None without RoPE."""
+        if self.config.position != "rope":
+            return None
+        if positions.dim() == 1:
+            return self.rope_cos[positions], self.rope_sin[positions]
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+
+    def encode(self, src: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None):
+        """src (B, S), left-padded by pad_lengths (B,) -> memory (B, S, C), source_mask (B, 1, 1, S),
+        source positions (B, S) (counted from each row's first real token)."""
+        B, S = src.shape
+        if S > self.config.block_size:
+            raise ValueError(f"source of {S} tokens is longer than the context (block_size={self.config.block_size})")
+        pad = pad_lengths.view(B, 1) if pad_lengths is not None else torch.zeros(B, 1, dtype=torch.long, device=src.device)
+        columns = torch.arange(S, device=src.device).view(1, S)
+        positions = (columns - pad).clamp(min=0)                                     # (B, S)
+        source_mask = (columns >= pad).view(B, 1, 1, S)            # every token sees every real token
+        x = self.tok_emb(src)
+        if self.config.position == "learned":
+            x = x + self.enc_pos_emb(positions)
+        x = self.drop(x)
+        for block in self.encoder:
+            x = block(x, self.rope_at(positions), None, source_mask)   # a mask and no cache: bidirectional
+        return self.encoder_norm(x), source_mask, positions
+
+    def cross_memory(self, src: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None):
+        """Encode src, then what every decoder step needs of it: each block's cross-attention keys
+        and values, the source mask, and the source lengths (B,). The encoder runs once per source."""
+        memory, source_mask, positions = self.encode(src, pad_lengths)
+        rope = self.rope_at(positions)
+        kv = [block.cross_attn.memory_kv(memory, rope) for block in self.blocks]
+        return kv, source_mask, source_mask.sum(dim=-1).view(-1)                     # lengths (B,)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                pad_lengths: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                memory=None, reduction: str = "mean", last_only: bool = False):
+        """src (B, S) source ids, tgt (B, T) decoder inputs -> logits (B, T, V) and the loss on targets (B, T).
+
+        memory: cross_memory(src) computed before (generation passes it, so the encoder runs once).
+        """
+        memory_kv, source_mask, source_lengths = memory if memory is not None else self.cross_memory(src, pad_lengths)
+        B, T = tgt.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"target of {start + T} tokens is longer than the context "
+                             f"(block_size={self.config.block_size})")
+        positions = torch.arange(start, start + T, device=tgt.device)                   # (T,)
+        x = self.tok_emb(tgt)
+        if self.config.position == "learned":
+            x = x + self.pos_emb(positions)
+        x = self.drop(x)
+        rope, cross_rope = self.rope_at(positions), self.rope_at(source_lengths.view(B, 1) + positions)
+        for block, kv in zip(self.blocks, memory_kv):
+            x = block(x, rope, kv_cache, (kv, source_mask), cross_rope)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if last_only:
+            x = x[:, -1:, :]
+        return self.head_and_loss(x, targets, reduction)
+
+    @torch.no_grad()
+    def generate_stream(self, src: torch.Tensor, max_new_tokens: int, pad_lengths: Optional[torch.Tensor] = None,
+                        use_cache: bool = True, **sampling) -> Iterator[torch.Tensor]:
+        """Yield new decoder tokens (B,) one step at a time for the source src (B, S).
+
+        The encoder runs once; the decoder starts from decoder_start_id and, with the
+        cache, processes one new token per step. Sampling options as for GPT.generate_stream.
+        """
+        B = src.shape[0]
+        memory = self.cross_memory(src, pad_lengths)
+        start = torch.full((B, 1), self.config.decoder_start_id, dtype=src.dtype, device=src.device)
+        max_new_tokens = min(max_new_tokens, self.config.block_size - 1)
+        cache = self.new_kv_cache(B, 1 + max_new_tokens) if use_cache else None
+
+        def next_logits(decoded, step_input):
+            logits, _ = self(src, step_input if use_cache else decoded, kv_cache=cache, memory=memory, last_only=True)
+            return logits[:, -1, :]                                                  # (B, V)
+        # the repetition penalty looks at the answer only, not at the start token (as in HF)
+        yield from decode_tokens(next_logits, start, max_new_tokens, self.config.vocab_size,
+                                 seen_pad_lengths=torch.ones(B, dtype=torch.long, device=src.device), **sampling)
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Source (B, S) -> the generated decoder tokens (B, n) (the source is not repeated)."""
+        new = list(self.generate_stream(src, max_new_tokens, **kwargs))
+        return torch.stack(new, dim=1) if new else src.new_zeros((src.shape[0], 0))
+
+
+def build_model(config: ModelConfig) -> GPT:
+    """The network a config describes: decoder-only GPT, or Seq2Seq when n_encoder_layer > 0."""
+    return Seq2Seq(config) if config.n_encoder_layer else GPT(config)
 
 
 # ----------------------------------------------------------------------------------
