@@ -135,9 +135,9 @@ def test_an_encoder_decoder_chatbot_through_every_stage(tmp_path, capsys):
         dpo.main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "dpo")])
 
 
-def test_an_objective_that_does_not_fit_the_model_is_refused():
+def test_an_objective_that_does_not_fit_the_model_is_refused(tmp_path):
     import pretrain
     with pytest.raises(ValueError, match="--objective next_span does not fit a decoder-only model"):
-        pretrain.main(["--objective", "next_span"])
+        pretrain.main(["--objective", "next_span", "--out_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--objective next_token does not fit an encoder-decoder model"):
-        pretrain.main(["--objective", "next_token", "--n_encoder_layer", "2"])
+        pretrain.main(["--objective", "next_token", "--n_encoder_layer", "2", "--out_dir", str(tmp_path)])
