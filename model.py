@@ -180,22 +180,25 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)   # per-layer views (B, Hkv, max_len, D)
         self.max_len = max_len
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at the current position; return all keys/values so far."""
         T = k.shape[2]
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > {self.max_len}")
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
         end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > {self.max_len}")
+        keys, values = self.layer_k[layer], self.layer_v[layer]
+        keys.narrow(2, self.pos, T).copy_(k)
+        values.narrow(2, self.pos, T).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)   # (B, Hkv, end, D) views, no copy
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with grouped-query heads (n_kv_head <= n_head)."""
+    """Multi-head self-attention with grouped-query heads (n_kv_head <= n_head): causal, unless
+    an attn_mask says otherwise."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -224,28 +227,26 @@ class Attention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)   # (B, Hkv, start+T, D)
-        if self.n_kv_head != self.n_head:
-            # each group of H/Hkv query heads shares one key/value head
-            repeat = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(repeat, dim=1)          # (B, H, start+T, D)
-            v = v.repeat_interleave(repeat, dim=1)
-
+        # grouped-query attention: each group of H/Hkv query heads shares one key/value head;
+        # enable_gqa lets the kernel do that without copying k and v H/Hkv times
+        gqa = self.n_kv_head != self.n_head
         if attn_mask is not None:
-            # left-padded batch: causal, and no query ever sees a padding key
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            # left-padded batch: causal, and no query ever sees a padding key (the encoder
+            # of a Seq2Seq passes a padding-only mask: bidirectional)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         elif start == 0:
             # no cached past: the usual lower-triangular causal mask
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa,
                                                dropout_p=self.dropout if self.training else 0.0)
         elif T == 1:
             # one new token after the cache: it may see every cached key, so no mask at all
             # (a mask would also rule out the fastest attention kernels)
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             # new query at absolute position start+i may see keys 0..start+i
             q_pos = torch.arange(start, start + T, device=x.device).unsqueeze(1)   # (T, 1)
             k_pos = torch.arange(start + T, device=x.device).unsqueeze(0)          # (1, start+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)    # (B, T, C)
         return self.o_proj(y)
 
@@ -524,7 +525,7 @@ class GPT(nn.Module):
         p = next(self.parameters())
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
 
-    @torch.no_grad()
+    @torch.inference_mode()   # like no_grad, and less work per op; the yielded tokens are inference tensors
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
                         pad_lengths: Optional[torch.Tensor] = None, **sampling) -> Iterator[torch.Tensor]:
         """Yield new tokens (B,) one step at a time after the prompt idx (B, T).
@@ -556,7 +557,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Prompt (B, T) -> prompt plus generated tokens (B, T + n)."""
+        """Prompt (B, T) -> prompt plus generated tokens (B, T + n), an ordinary tensor (trainable on)."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
 
@@ -584,21 +585,24 @@ def decode_tokens(next_logits: Callable, start: torch.Tensor, max_new_tokens: in
         counts = torch.zeros(B, vocab_size, device=start.device)     # (B, V) times generated
     finished = torch.zeros(B, dtype=torch.bool, device=start.device)
     stop = torch.tensor(list(stop_tokens), dtype=start.dtype, device=start.device)
-    sequence, step_input = start, start
-    for _ in range(max_new_tokens):
-        logits = next_logits(sequence, step_input)                   # (B, V)
+    sequence = torch.empty(B, T + max_new_tokens, dtype=start.dtype, device=start.device)  # (B, T + n), filled as we go
+    sequence[:, :T] = start
+    step_input = start
+    for t in range(T, T + max_new_tokens):
+        logits = next_logits(sequence[:, :t], step_input)           # (B, V)
         if penalize:
             logits = apply_penalties(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
         yield next_token
-        finished |= torch.isin(next_token, stop)
-        if finished.all():
-            return
-        step_input = next_token.unsqueeze(1)                         # (B, 1)
+        if stop_tokens:
+            finished |= torch.isin(next_token, stop)
+            if finished.all():
+                return
+        sequence[:, t] = next_token
+        step_input = sequence[:, t:t + 1]                            # (B, 1)
         if penalize:
             seen.scatter_(1, step_input, True)
             counts.scatter_add_(1, step_input, torch.ones_like(step_input, dtype=counts.dtype))
-        sequence = torch.cat([sequence, step_input], dim=1)
 
 
 def padded_attention_mask(pad_lengths: torch.Tensor, start: int, T: int) -> torch.Tensor:
