@@ -114,7 +114,8 @@ class LoadConfig(SamplingParams):
     device: str = arg("auto", "auto | cpu | cuda | mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg("auto", "weights and KV cache: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16",
                      choices=["auto", "float32", "bfloat16"])
-    chat: str = arg("auto", "chat template and history: auto (on for SFT/LoRA/DPO checkpoints), on, off",
+    chat: str = arg("auto", "chat template and history: auto (on for SFT/LoRA/DPO checkpoints and imported "
+                            "models with a chat template), on, off",
                     choices=["auto", "on", "off"])
 
 
@@ -238,7 +239,7 @@ class Engine:
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {ckpt} expects "
                              f"{model.config.vocab_size}: use the checkpoint's own tokenizer.json")
-        chat = cfg.chat == "on" or (cfg.chat == "auto" and ckpt_config.get("stage") in CHAT_STAGES)
+        chat = cfg.chat == "on" or (cfg.chat == "auto" and expects_chat_template(ckpt_config))
         return cls(model, tokenizer, chat, name)
 
     @property
@@ -346,6 +347,12 @@ class Engine:
                     i = batch[d.row]
                     results[i] = Completion(texts[d.row], d.finish_reason, len(prompts[i]), d.tokens)
         return results
+
+
+def expects_chat_template(ckpt_config: dict) -> bool:
+    """Chat checkpoints: the project's SFT/LoRA/DPO stages, and imported models that ship a chat template."""
+    imported_chat = ckpt_config.get("stage") == "hf_import" and ckpt_config.get("hf", {}).get("chat_template")
+    return ckpt_config.get("stage") in CHAT_STAGES or bool(imported_chat)
 
 
 def end_tokens(tokenizer) -> tuple[int, ...]:

@@ -180,7 +180,8 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)   # per-layer views (B, Hkv, max_len, D)
+        self.layer_k = [self.k[i] for i in range(config.n_layer)]     # per-layer views (B, Hkv, max_len, D)
+        self.layer_v = [self.v[i] for i in range(config.n_layer)]
         self.max_len = max_len
         self.pos = 0
 
