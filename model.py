@@ -683,7 +683,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
 # Encoder-decoder (Seq2Seq): the same blocks, plus an encoder that reads the whole source
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """The decoder's queries attend to the encoder's output, the memory: q from x, k and v from memory.
 
     No causal mask (the whole source is known); padding in the source is masked out.
@@ -694,23 +694,16 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
-        self.o_proj.is_residual_projection = True
+        super().__init__(config, layer_idx=-1)       # the same projections; no KV cache of its own
 
     def memory_kv(self, memory: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory (B, S, C) -> keys and values (B, H, S, D), computed once per source."""
+        """memory (B, S, C) -> keys and values (B, Hkv, S, D), computed once per source."""
         B, S, _ = memory.shape
         k = self.k_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, S, D)
         v = self.v_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             k = apply_rope(k, *rope)
-        repeat = self.n_head // self.n_kv_head
-        return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)         # (B, H, S, D)
+        return k, v
 
     def forward(self, x, memory_kv, source_mask, rope=None):
         """x (B, T, C); source_mask (B, 1, 1, S) bool, True = a real source token."""
@@ -719,7 +712,8 @@ class CrossAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
         k, v = memory_kv
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask)               # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -15,20 +15,36 @@ WORDS = sorted({w for w in ("apple bread crown dream eagle flame grape honey isl
                             "amber blaze cloud dusk ember frost glow haze ivory jade").split()})
 
 
+def pretrain_tiny(folder: Path, out: str = "ckpt", steps: int = 4, eval_interval: int = 4, extra=()) -> Path:
+    """pretrain.py on a tiny text with a tiny model (1 layer x 32, context 96, vocab 320) -> folder/out.
+
+    extra: more flags, e.g. ("--n_experts", "4") or ("--n_encoder_layer", "1")."""
+    text = folder / "text.txt"
+    if not text.exists():
+        text.write_text("\n".join(f"{w} {w.upper()} {w[::-1]}" for w in WORDS * 20), encoding="utf-8")
+    import pretrain
+    pretrain.main(["--data", str(text), "--tokenizer", str(folder / "tok.json"), "--vocab_size", "320",
+                   "--cache_dir", str(folder / "cache"), "--out_dir", str(folder / out), "--n_layer", "1",
+                   "--n_embd", "32", "--n_head", "2", "--block_size", "96", "--batch_size", "4",
+                   "--max_steps", str(steps), "--eval_interval", str(eval_interval), "--sample_tokens", "0",
+                   "--time_budget", "0", *extra])
+    return folder / out
+
+
+def write_chat_data(folder: Path, n_train: int = 200, n_eval_per_family: int = 2) -> list[str]:
+    """train.jsonl and eval.jsonl of generated chat tasks in folder; returns the --data/--eval_data flags."""
+    from data.chat_data import generate_chat_data, write_jsonl
+    train, held_out = generate_chat_data(WORDS, n_train, n_eval_per_family, seed=0)
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "eval.jsonl", held_out)
+    return ["--data", str(folder / "train.jsonl"), "--eval_data", str(folder / "eval.jsonl")]
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pre")
-    text = "\n".join(f"{w} {w.upper()} {w[::-1]}" for w in WORDS * 20)
-    (folder / "text.txt").write_text(text, encoding="utf-8")
-    import pretrain
-    from data.chat_data import generate_chat_data, write_jsonl
-    pretrain.main(["--data", str(folder / "text.txt"), "--tokenizer", str(folder / "tok.json"), "--vocab_size", "320",
-                   "--cache_dir", str(folder / "cache"), "--out_dir", str(folder / "ckpt"), "--n_layer", "1",
-                   "--n_embd", "32", "--n_head", "2", "--block_size", "96", "--batch_size", "4", "--max_steps", "4",
-                   "--eval_interval", "4", "--sample_tokens", "0", "--time_budget", "0"])
-    train, held_out = generate_chat_data(WORDS, 200, 2, seed=0)
-    write_jsonl(folder / "train.jsonl", train)
-    write_jsonl(folder / "eval.jsonl", held_out)
+    pretrain_tiny(folder)
+    write_chat_data(folder)
     return folder
 
 

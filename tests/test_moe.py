@@ -138,34 +138,23 @@ def test_pretrain_sft_and_lora_run_on_a_moe_model_and_log_expert_shares(tmp_path
 
     import full_sft
     import lora
-    import pretrain
-    from conftest import WORDS
-    from data.chat_data import generate_chat_data, write_jsonl
+    from conftest import pretrain_tiny, write_chat_data
     from training import load_adapted_model, load_checkpoint
 
-    (tmp_path / "text.txt").write_text("\n".join(f"{w} {w.upper()} {w[::-1]}" for w in WORDS * 20), encoding="utf-8")
-    pretrain.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                   "--vocab_size", "320", "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "pre"),
-                   "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "96", "--batch_size", "4",
-                   "--max_steps", "4", "--eval_interval", "2", "--sample_tokens", "5", "--time_budget", "0",
-                   "--n_experts", "4", "--top_k", "2", "--n_shared_experts", "1"])
+    pretrain_tiny(tmp_path, "pre", steps=4, eval_interval=2,
+                  extra=("--n_experts", "4", "--top_k", "2", "--n_shared_experts", "1"))
     with open(tmp_path / "pre" / "log.csv") as f:
         evals = [r for r in csv.DictReader(f) if r["expert_0"]]
     assert len(evals) == 2 and all(abs(sum(float(r[f"expert_{e}"]) for e in range(4)) - 1) < 1e-4 for r in evals)
     model, _ = load_checkpoint(tmp_path / "pre")               # the checkpoint rebuilds the MoE from its config
     assert model.config.n_experts == 4 and len(model.moe_layers()) == 1
-    pretrain.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                   "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "more"),
-                   "--init_from", str(tmp_path / "pre"), "--n_experts", "8", "--batch_size", "4", "--max_steps", "1",
-                   "--eval_interval", "1", "--sample_tokens", "0", "--time_budget", "0"])
+    pretrain_tiny(tmp_path, "more", steps=1, eval_interval=1, extra=("--init_from", str(tmp_path / "pre"),
+                                                                    "--n_experts", "8"))
     assert "--n_experts 8 is ignored" in capsys.readouterr().out   # the checkpoint's own config wins
     assert load_checkpoint(tmp_path / "more")[0].config.n_experts == 4
 
-    train, held_out = generate_chat_data(WORDS, 64, 1, seed=0)
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "eval.jsonl", held_out)
-    chat = ["--data", str(tmp_path / "train.jsonl"), "--eval_data", str(tmp_path / "eval.jsonl"), "--batch_size", "4",
-            "--max_steps", "2", "--eval_interval", "2", "--time_budget", "0", "--max_new_tokens", "2"]
+    chat = write_chat_data(tmp_path, 64, 1) + ["--batch_size", "4", "--max_steps", "2", "--eval_interval", "2",
+                                               "--time_budget", "0", "--max_new_tokens", "2"]
     full_sft.main(chat + ["--init_from", str(tmp_path / "pre"), "--out_dir", str(tmp_path / "sft")])
     lora.main(chat + ["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "lora"), "--replay", "0",
                       "--old_eval_data", str(tmp_path / "eval.jsonl"), "--target_modules", "up_proj", "down_proj"])

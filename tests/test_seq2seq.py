@@ -91,24 +91,14 @@ def test_an_encoder_decoder_chatbot_through_every_stage(tmp_path, capsys):
     import full_sft
     import inference
     import lora
-    import pretrain
-    from conftest import WORDS
-    from data.chat_data import generate_chat_data, write_jsonl
+    from conftest import pretrain_tiny, write_chat_data
     from training import load_checkpoint
 
-    (tmp_path / "text.txt").write_text("\n".join(f"{w} {w.upper()} {w[::-1]}" for w in WORDS * 20), encoding="utf-8")
-    pretrain.main(["--data", str(tmp_path / "text.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                   "--vocab_size", "320", "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "pre"),
-                   "--n_encoder_layer", "1", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "96",
-                   "--batch_size", "4", "--max_steps", "3", "--eval_interval", "3", "--sample_tokens", "5",
-                   "--time_budget", "0"])
+    pretrain_tiny(tmp_path, "pre", steps=3, eval_interval=3, extra=("--n_encoder_layer", "1", "--sample_tokens", "5"))
     model, _ = load_checkpoint(tmp_path / "pre")
     assert isinstance(model, Seq2Seq) and model.config.decoder_start_id == 320 - 3    # <|endoftext|>
-    train, held_out = generate_chat_data(WORDS, 64, 1, seed=0)
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "eval.jsonl", held_out)
-    chat = ["--data", str(tmp_path / "train.jsonl"), "--eval_data", str(tmp_path / "eval.jsonl"), "--batch_size", "4",
-            "--max_steps", "2", "--eval_interval", "2", "--time_budget", "0", "--max_new_tokens", "3"]
+    chat = write_chat_data(tmp_path, 64, 1) + ["--batch_size", "4", "--max_steps", "2", "--eval_interval", "2",
+                                               "--time_budget", "0", "--max_new_tokens", "3"]
     full_sft.main(chat + ["--init_from", str(tmp_path / "pre"), "--out_dir", str(tmp_path / "sft")])
     choice = tmp_path / "mc.jsonl"
     choice.write_text('{"context": "apple ", "options": ["APPLE", "bread"], "answer": 0}\n'
