@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from data.chat_data import (DEFAULT_CHAT_DIR, IGNORE_INDEX, collate, default_words, plausible_wrong_answer,
-                            preference_pair, read_conversations, read_preference_pairs, synthetic_names,
-                            write_jsonl)
+                            preference_pair, read_conversations, read_preference_pairs, similar_length_rows,
+                            synthetic_names, write_jsonl)
 from evaluation import exact_match_report, format_report, greedy_answers
 from tokenizer.chat import render_chat
 from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
@@ -167,8 +167,10 @@ def main(argv=None):
     task_before = exact_match_report(model, tokenizer, task_records, cfg.max_new_tokens)
     print(f"before DPO: {format_report(task_before)}")
 
+    lengths = torch.tensor([len(chosen[0]) + len(rejected[0]) for chosen, rejected in train])   # (N,)
+
     def next_batch(generator):
-        rows = torch.randint(len(train), (cfg.batch_size,), generator=generator)
+        rows = torch.tensor(similar_length_rows(lengths, cfg.batch_size, generator))   # random pairs, little padding
         xc, yc = collate([train[i][0] for i in rows.tolist()], pad_id)
         xr, yr = collate([train[i][1] for i in rows.tolist()], pad_id)
         return xc, yc, xr, yr, ref_train[0][rows], ref_train[1][rows]

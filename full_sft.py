@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, chat_collate, chat_examples, read_conversations
+from data.chat_data import (DEFAULT_CHAT_DIR, build_default_chat_data, chat_collate, chat_examples, read_conversations,
+                            similar_length_rows)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
                       main_guard, parse_config, run_training, setup_runtime, write_metrics)
@@ -85,8 +86,10 @@ def main(argv=None):
         print(f"before SFT: {format_report(before)}")
 
     # 4. train
+    lengths = torch.tensor([sum(len(t) for t in example) for example in train])     # (N,) tokens per example
+
     def next_batch(generator):
-        rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
+        rows = similar_length_rows(lengths, cfg.batch_size, generator)   # random rows, little padding
         return collate([train[i] for i in rows])
 
     evaluate = answer_loss_evaluator(held_out, cfg.batch_size, collate, rt.device)

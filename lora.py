@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, chat_collate, chat_examples, default_words,
-                            generate_chat_data, read_conversations, write_jsonl)
+                            generate_chat_data, read_conversations, similar_length_rows, write_jsonl)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from model import add_lora, lora_state_dict, merge_lora
 from training import (ADAPTER_CONFIG, ADAPTER_FILE, TrainConfig, arg, atomic_save, atomic_write_text,
@@ -138,10 +138,12 @@ def main(argv=None):
     if cfg.epochs > 0:
         cfg.max_steps, cfg.time_budget = max(1, int(cfg.epochs * len(new) / cfg.batch_size)), 0.0
 
+    new_lengths, old_lengths = (torch.tensor([sum(len(t) for t in e) for e in examples]) for examples in (new, old))
+
     def next_batch(generator):
         n_old = sum(torch.rand(cfg.batch_size, generator=generator) < cfg.replay).item() if old else 0
-        rows = [new[i] for i in torch.randint(len(new), (cfg.batch_size - n_old,), generator=generator).tolist()]
-        rows += [old[i] for i in torch.randint(len(old), (n_old,), generator=generator).tolist()] if n_old else []
+        rows = [new[i] for i in similar_length_rows(new_lengths, cfg.batch_size - n_old, generator)]
+        rows += [old[i] for i in similar_length_rows(old_lengths, n_old, generator)] if n_old else []
         return collate(rows)
 
     evaluate = answer_loss_evaluator(held_out, cfg.batch_size, collate, rt.device)

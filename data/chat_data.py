@@ -337,6 +337,21 @@ def chat_examples(records: list[dict], tokenizer, model_config, loss_on: str, wh
     return encode_conversations(records, tokenizer, model_config.block_size, loss_on, where)
 
 
+def similar_length_rows(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 8) -> list[int]:
+    """batch_size random row indices of similar length, so that little of the batch is padding.
+
+    Draw pool x batch_size rows at random, sort them by length, cut the sorted list into
+    `pool` batches and keep one of them at random. Every row is still equally likely to be
+    picked (each candidate lands in exactly one of the pool batches), but a batch of the
+    default chat tasks is ~10% padding instead of ~55% (their lengths run from 20 to 140
+    tokens), so each step costs about half as much. lengths: (N,) tokens per example.
+    """
+    candidates = torch.randint(len(lengths), (batch_size * pool,), generator=generator)
+    candidates = candidates[torch.argsort(lengths[candidates], stable=True)]
+    chosen = torch.randint(pool, (1,), generator=generator).item()
+    return candidates[chosen * batch_size:(chosen + 1) * batch_size].tolist()
+
+
 def batch_targets(batch: tuple) -> torch.Tensor:
     """The targets tensor of a batch from chat_collate: (x, targets) or (source, decoder input, targets, pad_lengths)."""
     return batch[2] if len(batch) == 4 else batch[1]

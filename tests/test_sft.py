@@ -88,3 +88,19 @@ def test_conversations_longer_than_the_context_are_skipped_and_counted(capsys):
     examples = encode_conversations([short, long, short], tok, block_size=32, loss_on="assistant", where="c.jsonl")
     assert len(examples) == 2
     assert "c.jsonl: skipped 1 conversations longer than the context of 32 tokens" in capsys.readouterr().out
+
+
+def test_similar_length_batches_cut_padding_and_pick_every_row_equally_often():
+    import torch
+    from data.chat_data import similar_length_rows
+    lengths = torch.tensor([10] * 50 + [100] * 50)               # two very different lengths
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(100)
+    mixed = 0
+    for _ in range(2000):
+        rows = similar_length_rows(lengths, 8, generator)
+        counts[rows] += 1
+        mixed += len({lengths[r].item() for r in rows}) > 1
+    assert mixed < 2000 * 0.2                                    # most batches hold one length only
+    assert counts[:50].sum() / counts.sum() == pytest.approx(0.5, abs=0.03)   # short and long equally often
+    assert counts.min() > 0.6 * counts.mean()                    # and no row is left out
