@@ -365,14 +365,15 @@ def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
 
 
 def atomic_save(obj, path: Path):
-    """torch.save to a temp file in the same folder, then rename: never half a file."""
-    tmp = Path(str(path) + ".tmp")
+    """torch.save to a temp file in the same folder, then rename: never half a file.
+    (The temp name carries the process id, so two runs writing the same file never collide.)"""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str):
-    tmp = Path(str(path) + ".tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

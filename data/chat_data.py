@@ -173,7 +173,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line, written to a temp file and renamed (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # per process: parallel runs never collide
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
