@@ -46,7 +46,7 @@ class DPOConfig(TrainConfig):
     task_data: str = arg("", "held-out chat tasks for accuracy before/after; empty = the default SFT held-out set")
     init_from: str = arg("weight/sft", "the SFT model to start from (also the frozen reference)")
     out_dir: str = arg("weight/dpo", "output folder")
-    beta: float = arg(0.1, "how strongly the reward is tied to staying near the reference")
+    beta: float = arg(0.5, "how strongly the reward is tied to staying near the reference (larger: less drift)")
     sft_weight: float = arg(1.0, "weight of an SFT loss on the chosen answers (0 = pure DPO)")
     on_policy: int = arg(2000, "training prompts answered by the SFT model; its wrong answers become rejected ones")
     max_pairs: int = arg(8000, "chat tasks turned into plausible-wrong pairs (a 60 s run uses about 5,000 pairs; "
