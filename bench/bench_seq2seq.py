@@ -1,7 +1,7 @@
 """
 Encoder-decoder (Seq2Seq) vs decoder-only of similar size on the same dialogue task.
 
-    python bench/bench_seq2seq.py                  # 2 x (pretrain + SFT), 150 s of training each (~13 min)
+    python bench/bench_seq2seq.py                  # 2 x (pretrain + SFT), 120 s of training each (~11 min)
     python bench/bench_seq2seq.py --seconds 60     # shorter
     python bench/bench_seq2seq.py --quick          # seconds: checks the script works
 
@@ -72,7 +72,7 @@ def measure_inference(ckpt: str, n_prompts: int, max_new_tokens: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--seconds", type=float, default=150.0, help="training seconds per stage and model")
+    parser.add_argument("--seconds", type=float, default=120.0, help="training seconds per stage and model")
     parser.add_argument("--quick", action="store_true", help="tiny runs that only check the script works")
     parser.add_argument("--infer", default="", help=argparse.SUPPRESS)        # internal: measure one checkpoint
     args = parser.parse_args()
