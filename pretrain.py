@@ -104,7 +104,7 @@ PRESETS = {
 def model_config(cfg: PretrainConfig, vocab_size: int, start_id: int = 0) -> ModelConfig:
     """The model the flags describe (ModelConfig checks it: one clear line if impossible)."""
     return ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                       n_encoder_layer=cfg.n_encoder_layer, decoder_start_id=start_id,
+                       n_encoder_layer=cfg.n_encoder_layer, decoder_start_id=start_id if cfg.n_encoder_layer else 0,
                        n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or None, n_embd=cfg.n_embd,
                        flavour=cfg.flavour, dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k,
                        n_shared_experts=cfg.n_shared_experts, expert_hidden=cfg.expert_hidden or None,

@@ -247,3 +247,15 @@ def test_a_model_with_no_hf_architecture_is_not_exported(tmp_path):
     with pytest.raises(ValueError, match="a llama model with {'mlp': 'gelu'} has no Hugging Face architecture"):
         hf.export_hf(model, None, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_made_by_pretrain_exports(tmp_path):
+    """pretrain.py's own checkpoints (own BPE tokenizer, decoder only) go out as a folder transformers loads."""
+    from conftest import pretrain_tiny
+    ckpt = pretrain_tiny(tmp_path, extra=("--flavour", "llama"))
+    hf.main(["export", str(ckpt), str(tmp_path / "hf")])
+    ours, _ = load_checkpoint(ckpt)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours.eval()(ids)[0], atol=1e-5, rtol=1e-5)

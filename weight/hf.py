@@ -191,7 +191,8 @@ def model_config_from_hf(hf: dict, vocab_size: int, where: str) -> ModelConfig:
 def hf_config_from_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype) -> dict:
     """ModelConfig -> config.json of GPT2LMHeadModel, Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM."""
     unusual = [f.name for f in fields(ModelConfig) if f.name not in EXPORTED_FIELDS
-               and getattr(cfg, f.name) != f.default]
+               and getattr(cfg, f.name) != f.default
+               and not (f.name == "decoder_start_id" and not cfg.n_encoder_layer)]   # unused without an encoder
     if unusual:
         raise ValueError(f"the model sets {unusual}, which no Hugging Face architecture here has: cannot export")
     gpt2 = dict(position="learned", norm="layernorm", mlp="gelu", bias=True, qkv_bias=True)
