@@ -412,6 +412,7 @@ def export_hf(model: GPT, tokenizer, out_dir, dtype: torch.dtype = torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in export_state_dict(model).items()}
     tmp = out_dir / (SINGLE_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)             # safetensors creates it readable by its owner only; the folder is meant to be shared
     os.replace(tmp, out_dir / SINGLE_FILE)
     ids = tokenizer.special_ids
     stop = [ids[t] for t in ("<|im_end|>", "<|endoftext|>") if t in ids]
