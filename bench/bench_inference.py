@@ -30,7 +30,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
+from machine import machine_info  # noqa: E402  (bench/machine.py)
 from model import GPT, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "inference.json"
@@ -364,29 +364,6 @@ def bench_memory(model: GPT, args: BenchArgs) -> list[dict]:
 # Report
 
 
-def machine_info(args: BenchArgs) -> dict:
-    info = dict(torch=torch.__version__, python=platform.python_version(), device=args.device,
-                threads=torch.get_num_threads(), cpu_cores=os.cpu_count(), cpu=cpu_name())
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(report: dict, args: BenchArgs) -> str:
     rows = ["| benchmark | A | B | A | B | A / B |", "|---|---|---|---:|---:|---:|"]
     for d in report["decode"]:
@@ -415,7 +392,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = machine_info(args)
+    machine = machine_info(args.device)
     model = load_model(args)
     print(f"machine: torch {machine['torch']}, transformers {machine['transformers']}, {args.device} "
           f"({machine.get('gpu', machine['cpu'])}), {machine['threads']} threads"

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from machine import machine_info  # noqa: E402  (bench/machine.py)
 from model import GPT, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "model.json"
@@ -277,30 +276,6 @@ def bench_generation(args: BenchArgs) -> list[dict]:
 # Report
 
 
-def machine_info(args: BenchArgs) -> dict:
-    info = dict(torch=torch.__version__, python=platform.python_version(), device=args.device,
-                dtype=args.dtype, threads=torch.get_num_threads(), cpu_cores=os.cpu_count(),
-                cpu=cpu_name())
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ----------------------------------------------------------------------------------
 # 3. Precision: float32 vs bf16 autocast, training the llama flavour
 
@@ -355,7 +330,7 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = machine_info(args)
+    machine = machine_info(args.device, dtype=args.dtype)
     print(f"machine: torch {machine['torch']}, transformers {machine['transformers']}, "
           f"{machine['device']} ({machine.get('gpu', machine['cpu'])}), {machine['threads']} threads, "
           f"{machine['dtype']}{' (quick mode)' if args.quick else ''}")
