@@ -1,6 +1,7 @@
 """Public weights in and out (weight/hf.py): tiny random transformers models, imported, must compute
 exactly what transformers computes; exported, must load back in transformers with the same logits."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,11 +147,17 @@ def test_import_command_writes_a_checkpoint_that_reloads(tmp_path, capsys):
     assert tok.fingerprint == config["tokenizer"]["fingerprint"] == from_folder.fingerprint
 
 
-def test_sft_then_lora_on_an_imported_qwen_folder_and_export_both(tmp_path):
+def test_sft_lora_dpo_and_chat_on_an_imported_qwen_folder_and_export(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    import dpo
     import full_sft
     import lora
     from conftest import WORDS
-    from data.chat_data import generate_chat_data, write_jsonl
+    from data.chat_data import (generate_chat_data, plausible_wrong_answer, preference_pair, synthetic_names,
+                                write_jsonl)
     from model import merge_lora
     from training import load_adapted_model
     make_hf_folder(tmp_path / "qwen", "qwen2-gqa-tied")
@@ -163,6 +170,18 @@ def test_sft_then_lora_on_an_imported_qwen_folder_and_export_both(tmp_path):
     full_sft.main(["--init_from", str(tmp_path / "qwen"), "--out_dir", str(tmp_path / "sft"), *data])
     lora.main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "lora"),
                "--old_eval_data", str(tmp_path / "eval.jsonl"), *data])
+    rng = random.Random(0)
+    pairs = [preference_pair(r, w) for r in train if (w := plausible_wrong_answer(r, rng, WORDS, synthetic_names()))]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    dpo.main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "dpo"), "--data",
+              str(tmp_path / "pairs.jsonl"), "--eval_data", str(tmp_path / "pairs.jsonl"), "--task_data",
+              str(tmp_path / "eval.jsonl"), *data[4:]])
+    assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["preference_accuracy"] is not None
+    # inference.py chats with the folder itself, through Qwen's own template
+    chat = subprocess.run([sys.executable, "inference.py", "--init_from", str(tmp_path / "qwen"), "--prompt", "hi",
+                           "--max_new_tokens", "3", "--temperature", "0"],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
     sft, _ = load_checkpoint(tmp_path / "sft")
     merged = merge_lora(load_adapted_model(tmp_path / "lora")[0])
     ids = torch.randint(0, sft.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
