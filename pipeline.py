@@ -1,14 +1,15 @@
 """
 pipeline.py -- the whole workshop in one command: tokenizer -> pretrain -> SFT -> LoRA -> DPO -> evaluation.
 
-    python pipeline.py                      # every stage with its defaults (~15 min on 2 CPU cores)
+    python pipeline.py                      # every stage with its defaults (~12 min on 2 CPU cores)
     python pipeline.py --overwrite          # retrain every stage, even those already done
     python pipeline.py --stages sft lora    # only some stages (the ones before must be done)
 
 Each stage runs as its own process with exactly the command a learner would type
 (`python pretrain.py`, `python full_sft.py`, ...), so the pipeline shows nothing the
 stages do not. A stage whose output folder already holds its metrics.json is kept, not
-retrained: an interrupted pipeline picks up where it stopped. At the end every
+retrained, and a stage cut off midway resumes from its last evaluation (resume.pt):
+an interrupted pipeline picks up where it stopped. At the end every
 checkpoint also takes the multiple-choice test (evaluation.py), and one table gathers
 every stage's numbers; it is printed and written to weight/pipeline.md and .json.
 """
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import ROOT, arg, atomic_write_text, main_guard, parse_config
+from training import ADAPTER_FILE, RESUME_FILE, ROOT, WEIGHTS_FILE, arg, atomic_write_text, main_guard, parse_config
 
 # stage -> (command, output folder); each stage reads the previous stage's folder by default
 STAGES = {
@@ -146,11 +147,16 @@ def main(argv=None):
     for name, (command, out_dir) in STAGES.items():
         if name not in cfg.stages:
             continue
-        done = (ROOT / out_dir / "metrics.json").exists()
+        folder = ROOT / out_dir
+        done = (folder / "metrics.json").exists()
         if done and not cfg.overwrite:
             print(f"=== {name}: {out_dir}/metrics.json exists, kept (--overwrite retrains it)")
             continue
-        extra = ["--device", cfg.device] + (["--overwrite"] if done else [])
+        extra = ["--device", cfg.device]
+        if not cfg.overwrite and (folder / RESUME_FILE).exists():
+            extra.append("--resume")           # cut off midway: go on from its last evaluation
+        elif cfg.overwrite or any((folder / f).exists() for f in (WEIGHTS_FILE, ADAPTER_FILE)):
+            extra.append("--overwrite")        # retrain (or, with nothing to resume from, start over)
         seconds[name] = run_stage(name, command + extra, logs / f"{name}.log")
 
     choice = {}

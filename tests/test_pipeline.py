@@ -52,6 +52,29 @@ def test_finished_stages_are_kept_and_the_rest_run_in_order(tmp_path, monkeypatc
     assert ran[0][0] == "dpo" and "--overwrite" in ran[0][1]
 
 
+def test_a_stage_cut_off_midway_is_resumed_or_started_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    for stage, data in (("pretrain", PRE), ("sft", SFT)):
+        (tmp_path / "weight" / stage).mkdir(parents=True)
+        (tmp_path / "weight" / stage / "metrics.json").write_text(json.dumps(data))
+    (tmp_path / "weight" / "lora").mkdir()
+    (tmp_path / "weight" / "lora" / "adapter.pt").write_bytes(b"step 0")      # killed after an evaluation
+    (tmp_path / "weight" / "lora" / "resume.pt").write_bytes(b"step 130")
+    (tmp_path / "weight" / "dpo").mkdir()
+    (tmp_path / "weight" / "dpo" / "model.pt").write_bytes(b"step 0")         # killed before any resume.pt
+    ran = {}
+
+    def fake_run(name, command, log_path):
+        ran[name] = command
+        out, data = {"lora": ("weight/lora", LORA), "dpo": ("weight/dpo", DPO)}[name]
+        (tmp_path / out / "metrics.json").write_text(json.dumps(data))
+        return 1.0
+    monkeypatch.setattr(pipeline, "run_stage", fake_run)
+    pipeline.main(["--stages", "pretrain", "sft", "lora", "dpo"])
+    assert "--resume" in ran["lora"] and "--overwrite" not in ran["lora"]
+    assert "--overwrite" in ran["dpo"] and "--resume" not in ran["dpo"]
+
+
 def test_unknown_stages_are_refused_with_the_list():
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, eval"):
         pipeline.main(["--stages", "sfft"])
