@@ -6,7 +6,7 @@ model.py -- one decoder-only Transformer, two flavours, one config.
                      optional q/k/v bias (Qwen2), no other biases
 
 Every variant is a switch of `ModelConfig`; a checkpoint stores its config as a
-dict, so `GPT(ModelConfig(**cfg))` rebuilds the exact network. This file imports
+dict, so `build_model(ModelConfig.from_dict(cfg))` rebuilds the exact network. This file imports
 nothing from the project: the network knows no tokenizer, no file format, no stage.
 
 Shapes in comments: B batch, T time (tokens), C n_embd, H heads, Hkv key/value
@@ -161,7 +161,8 @@ def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by position: x*cos + rotate_half(x)*sin, cos/sin (T, D)."""
+    """Rotate x (B, H, T, D) by position: x*cos + rotate_half(x)*sin, cos/sin (T, D), or
+    (B, 1, T, D) when each row of a left-padded batch has its own positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
@@ -215,7 +216,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None):
         """attn_mask (B, 1, T, S) bool, True = may attend: given for left-padded batches
-        (see padded_attention_mask); None = the plain causal mask."""
+        (see padded_attention_mask), or (B, 1, 1, S) from a Seq2Seq encoder (padding only);
+        None = the plain causal mask."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -231,14 +233,14 @@ class Attention(nn.Module):
         # grouped-query attention: each group of H/Hkv query heads shares one key/value head;
         # enable_gqa lets the kernel do that without copying k and v H/Hkv times
         gqa = self.n_kv_head != self.n_head
+        p_drop = self.dropout if self.training else 0.0     # training never uses a KV cache
         if attn_mask is not None:
             # left-padded batch: causal, and no query ever sees a padding key (the encoder
             # of a Seq2Seq passes a padding-only mask: bidirectional)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa, dropout_p=p_drop)
         elif start == 0:
             # no cached past: the usual lower-triangular causal mask
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa, dropout_p=p_drop)
         elif T == 1:
             # one new token after the cache: it may see every cached key, so no mask at all
             # (a mask would also rule out the fastest attention kernels)
@@ -286,7 +288,8 @@ class MoEFeedForward(nn.Module):
 
     The load-balancing loss (Switch Transformer) is E * sum_e f_e * P_e, with f_e the
     share of routed slots that went to expert e and P_e its mean router probability:
-    1.0 when routing is uniform, up to E when one expert takes everything.
+    1.0 when routing is uniform, up to E / top_k when every token picks the same top_k experts
+    (E with top-1: one expert takes everything).
     """
 
     def __init__(self, config: ModelConfig):
@@ -712,8 +715,8 @@ class CrossAttention(Attention):
         if rope is not None:
             q = apply_rope(q, *rope)
         k, v = memory_kv
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask, enable_gqa=self.n_kv_head != self.n_head,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -122,3 +122,16 @@ def test_gqa_has_fewer_key_value_parameters():
     full = tiny(flavour="llama").num_params()
     grouped = tiny(flavour="llama", n_kv_head=1).num_params()
     assert grouped < full
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_dropout_acts_in_training_only_with_or_without_a_padding_mask(masked):
+    from model import Attention
+    attn = Attention(ModelConfig(flavour="gpt2", n_embd=32, n_head=4, vocab_size=64, dropout=0.5), layer_idx=0)
+    x = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril() if masked else None
+    torch.manual_seed(0)
+    a, b = attn(x, attn_mask=mask), attn(x, attn_mask=mask)
+    assert not torch.allclose(a, b)                 # a fresh dropout mask each call
+    attn.eval()
+    torch.testing.assert_close(attn(x, attn_mask=mask), attn(x, attn_mask=mask))
