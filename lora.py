@@ -31,7 +31,7 @@ from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, chat_collate, chat_exam
                             generate_chat_data, read_conversations, similar_length_rows, write_jsonl)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from model import add_lora, lora_state_dict, merge_lora
-from training import (ADAPTER_CONFIG, ADAPTER_FILE, TrainConfig, arg, atomic_save, atomic_write_text,
+from training import (ADAPTER_CONFIG, ADAPTER_FILE, WEIGHTS_FILE, TrainConfig, arg, atomic_save, atomic_write_text,
                       check_train_config, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer, main_guard,
                       parse_config, run_training, save_checkpoint, setup_runtime, weights_checksum, write_metrics)
 
@@ -41,6 +41,7 @@ class LoRAConfig(TrainConfig):
     data: str = arg("", "training conversations for the new skill (.jsonl); empty = the generated 'first word' skill")
     eval_data: str = arg("", "held-out conversations of the new skill; empty = the default ones")
     old_eval_data: str = arg("", "held-out conversations of the old skills (forgetting check); empty = SFT's")
+    replay_data: str = arg("", "training conversations of the old skills to replay (--replay); empty = SFT's")
     init_from: str = arg("weight/sft", "the model to adapt (its weights stay frozen)")
     out_dir: str = arg("weight/lora", "output folder: adapter.pt + adapter_config.json")
     lora_name: str = arg("first_word", "a name for the adapter, stored in adapter_config.json")
@@ -53,7 +54,8 @@ class LoRAConfig(TrainConfig):
     merged_dir: str = arg("", "where --merge writes ('' = out_dir + '_merged')")
     force: bool = arg(False, "let --merge replace an existing folder")
     epochs: float = arg(0.0, "passes over the training data (0 = use max_steps / time_budget)")
-    optimizer: str = arg("adamw", "adamw (Muon is for full matrices, not low-rank factors)", choices=["adamw", "muon"])
+    optimizer: str = arg("adamw", "adamw only: Muon orthogonalizes full weight matrices, not low-rank factors",
+                         choices=["adamw"])
     lr: float = arg(3e-3, "peak learning rate")
     min_lr: float = arg(3e-4, "final learning rate")
     batch_size: int = arg(32, "conversations per micro-batch")
@@ -112,13 +114,17 @@ def main(argv=None):
     train_path = Path(cfg.data) if cfg.data else skill["train"]
     eval_path = Path(cfg.eval_data) if cfg.eval_data else skill["eval"]
     old_eval_path = Path(cfg.old_eval_data) if cfg.old_eval_data else DEFAULT_CHAT_DIR / "sft_eval.jsonl"
-    old_train_path = DEFAULT_CHAT_DIR / "sft_train.jsonl"
+    old_train_path = Path(cfg.replay_data) if cfg.replay_data else DEFAULT_CHAT_DIR / "sft_train.jsonl"
+    if cfg.replay_data and not old_train_path.exists():
+        raise FileNotFoundError(f"--replay_data {old_train_path} not found")
     new_records, eval_records = list(read_conversations(train_path)), list(read_conversations(eval_path))
     old_eval_records = list(read_conversations(old_eval_path)) if old_eval_path.exists() else []
     new = chat_examples(new_records, tokenizer, model.config, "assistant", str(train_path))
     old = chat_examples(list(read_conversations(old_train_path)), tokenizer, model.config, "assistant",
                         str(old_train_path)) if cfg.replay > 0 and old_train_path.exists() else []
     held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path))
+    if cfg.replay > 0 and not old:
+        print(f"replay: off ({old_train_path} not found; --replay_data names the old skills' training data)")
     collate = chat_collate(model.config, tokenizer)
 
     # 3. before: the base model on the new skill and on the old ones
@@ -135,13 +141,14 @@ def main(argv=None):
     total = sum(p.numel() for p in model.parameters())
     print(f"lora: rank {cfg.rank}, alpha {cfg.alpha}, {len(wrapped)} layers, {trainable:,} trainable of "
           f"{total:,} parameters ({trainable / total:.2%})")
-    if cfg.epochs > 0:
-        cfg.max_steps, cfg.time_budget = max(1, int(cfg.epochs * len(new) / cfg.batch_size)), 0.0
+    if cfg.epochs > 0:               # a batch holds about (1 - replay) x batch_size new-skill rows
+        new_per_batch = cfg.batch_size * (1 - cfg.replay) if old else cfg.batch_size
+        cfg.max_steps, cfg.time_budget = max(1, round(cfg.epochs * len(new) / new_per_batch)), 0.0
 
     new_lengths, old_lengths = (torch.tensor([sum(len(t) for t in e) for e in examples]) for examples in (new, old))
 
     def next_batch(generator):
-        n_old = sum(torch.rand(cfg.batch_size, generator=generator) < cfg.replay).item() if old else 0
+        n_old = int((torch.rand(cfg.batch_size, generator=generator) < cfg.replay).sum()) if old else 0
         rows = [new[i] for i in similar_length_rows(new_lengths, cfg.batch_size - n_old, generator)]
         rows += [old[i] for i in similar_length_rows(old_lengths, n_old, generator)] if n_old else []
         return collate(rows)
@@ -159,11 +166,12 @@ def main(argv=None):
     new_after = exact_match_report(best, tokenizer, eval_records, cfg.max_new_tokens)
     old_after = exact_match_report(best, tokenizer, old_eval_records, cfg.max_new_tokens) if old_eval_records else None
     adapter_bytes = (Path(cfg.out_dir) / ADAPTER_FILE).stat().st_size
-    model_bytes = (Path(cfg.init_from) / "model.pt").stat().st_size
+    base = Path(cfg.init_from)       # our model.pt, or a Hugging Face folder's safetensors
+    model_bytes = sum(f.stat().st_size for f in [base / WEIGHTS_FILE] + list(base.glob("*.safetensors")) if f.exists())
     metrics = {"new_skill_accuracy": new_after["accuracy"], "new_skill_accuracy_before": new_before["accuracy"],
                "old_skills_accuracy": old_after["accuracy"] if old_after else None,
                "old_skills_accuracy_before": old_before["accuracy"] if old_before else None,
-               "accuracy": (old_after or new_after)["accuracy"],
+               "accuracy": (old_after or new_after)["accuracy"],   # the old skills: SFT's held-out set, comparable
                "accuracy_by_family": {**(old_after or {}).get("accuracy_by_family", {}),
                                       **new_after["accuracy_by_family"]},
                "trainable_params": trainable, "trainable_fraction": trainable / total,

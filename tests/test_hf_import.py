@@ -168,8 +168,10 @@ def test_sft_lora_dpo_and_chat_on_an_imported_qwen_folder_and_export(tmp_path):
             "--max_steps", "2", "--eval_interval", "2", "--time_budget", "0", "--batch_size", "4",
             "--max_new_tokens", "2"]
     full_sft.main(["--init_from", str(tmp_path / "qwen"), "--out_dir", str(tmp_path / "sft"), *data])
-    lora.main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "lora"),
+    lora.main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "lora"), "--replay", "0",
                "--old_eval_data", str(tmp_path / "eval.jsonl"), *data])
+    lora.main(["--init_from", str(tmp_path / "qwen"), "--out_dir", str(tmp_path / "lora_on_hf"), "--replay", "0", *data])
+    assert json.loads((tmp_path / "lora_on_hf" / "metrics.json").read_text())["adapter_fraction"] < 1
     rng = random.Random(0)
     pairs = [preference_pair(r, w) for r in train if (w := plausible_wrong_answer(r, rng, WORDS, synthetic_names()))]
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
