@@ -42,7 +42,7 @@ from training import (TrainConfig, arg, check_train_config, load_checkpoint, loa
 @dataclass
 class DPOConfig(TrainConfig):
     data: str = arg("", "preference pairs (.jsonl with chosen/rejected); empty = generated from the chat tasks")
-    eval_data: str = arg("", "held-out preference pairs; empty = generated from the held-out chat tasks")
+    eval_data: str = arg("", "held-out preference pairs; empty = every 20th pair of --data (or generated ones)")
     task_data: str = arg("", "held-out chat tasks for accuracy before/after; empty = the default SFT held-out set")
     init_from: str = arg("weight/sft", "the SFT model to start from (also the frozen reference)")
     out_dir: str = arg("weight/dpo", "output folder")
@@ -72,7 +72,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
 
 
 def answer_logprob(model, x, y):
-    """Sum of log p(y_t | x_<=t) over the answer tokens (y != IGNORE_INDEX), per row: (B,)."""
+    """Per row: (sum of log p(y_t | x_<=t) over the answer tokens (y != IGNORE_INDEX), their count), each (B,)."""
     logits, _ = model(x)                                                      # (B, T, V)
     logp = F.log_softmax(logits.float(), dim=-1)
     mask = y != IGNORE_INDEX
@@ -151,8 +151,18 @@ def main(argv=None):
     pad_id, block = tokenizer.eot_id, model.config.block_size
 
     # 1. preference pairs
-    if cfg.data and cfg.eval_data:
-        train_pairs, eval_pairs = list(read_preference_pairs(cfg.data)), list(read_preference_pairs(cfg.eval_data))
+    if cfg.eval_data and not cfg.data:
+        raise ValueError("--eval_data needs --data (the training pairs) too")
+    if cfg.data:
+        train_pairs = list(read_preference_pairs(cfg.data))
+        if cfg.eval_data:
+            eval_pairs = list(read_preference_pairs(cfg.eval_data))
+        else:                            # hold out every 20th pair to measure preference accuracy on
+            if len(train_pairs) < 2:
+                raise ValueError(f"{cfg.data}: {len(train_pairs)} pair(s): too few to hold some out; add --eval_data")
+            eval_pairs = train_pairs[::20]
+            train_pairs = [pair for i, pair in enumerate(train_pairs) if i % 20]
+            print(f"dpo: no --eval_data: {len(eval_pairs)} pairs of {cfg.data} (every 20th) held out")
     else:
         train_pairs, eval_pairs = default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed)
         write_jsonl(DEFAULT_CHAT_DIR / "dpo_train.jsonl", train_pairs)
@@ -175,19 +185,20 @@ def main(argv=None):
         xr, yr = collate([train[i][1] for i in rows.tolist()], pad_id)
         return xc, yc, xr, yr, ref_train[0][rows], ref_train[1][rows]
 
-    def compute_loss(policy, batch):
+    def compute_loss(policy, batch):     # policy: the model being trained (DDP-wrapped when distributed)
         xc, yc, xr, yr, ref_c, ref_r = batch
         pi_c, n_c = answer_logprob(policy, xc, yc)
+        aux_chosen = model.moe_aux_loss()    # a Mixture of Experts' balance loss of that forward pass (0 if dense)
         pi_r, _ = answer_logprob(policy, xr, yr)
         loss, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta)
         sft = -(pi_c / n_c.clamp(min=1)).mean()                               # mean NLL per chosen token
         total = loss.mean() + cfg.sft_weight * sft
-        if model.config.n_experts:       # Mixture of Experts: keep the experts evenly loaded, as in pretraining
-            total = total + model.config.aux_loss_coef * model.moe_aux_loss()
+        if model.config.n_experts:       # keep the experts evenly loaded, as in pretraining: both passes count
+            total = total + model.config.aux_loss_coef * (aux_chosen + model.moe_aux_loss()) / 2
         return total
 
-    def evaluate(model, max_tokens):
-        pi_chosen, pi_rejected = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
+    def evaluate(scored, max_tokens):
+        pi_chosen, pi_rejected = pair_logprobs(scored, held_out, cfg.batch_size, pad_id, rt.device)
         loss, margin = dpo_loss(pi_chosen, pi_rejected, *ref_eval, cfg.beta)
         # a pair counts as preferred when its reward margin is positive
         return {"val_loss": loss.mean().item(), "preference_accuracy": (margin > 0).float().mean().item(),

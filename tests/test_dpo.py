@@ -68,3 +68,23 @@ def test_dpo_runs_end_to_end_and_reports_preferences(tiny_pretrained, tmp_path):
     for key in ("preference_accuracy", "reward_margin", "accuracy", "accuracy_by_family", "accuracy_before"):
         assert metrics[key] is not None, key
     assert 0 <= metrics["preference_accuracy"] <= 1
+
+
+def test_data_without_eval_data_holds_out_every_20th_pair(tiny_pretrained, tmp_path, capsys):
+    import random
+    rng = random.Random(1)
+    train, _ = generate_chat_data(WORDS, 60, 1, seed=7)
+    pairs = [preference_pair(r, w) for r in train if (w := plausible_wrong_answer(r, rng, WORDS, synthetic_names()))]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    flags = ["--init_from", str(tiny_pretrained / "ckpt"), "--task_data", str(tiny_pretrained / "eval.jsonl"),
+             "--max_steps", "1", "--eval_interval", "1", "--time_budget", "0", "--batch_size", "4",
+             "--max_new_tokens", "1"]
+    with pytest.raises(ValueError, match="--eval_data needs --data"):
+        dpo.main(flags + ["--eval_data", str(tmp_path / "pairs.jsonl"), "--out_dir", str(tmp_path / "x")])
+    dpo.main(flags + ["--data", str(tmp_path / "pairs.jsonl"), "--out_dir", str(tmp_path / "dpo")])
+    held_out = len(pairs[::20])
+    assert f"dpo: no --eval_data: {held_out} pairs of" in capsys.readouterr().out
+    from training import load_checkpoint_tokenizer
+    trained = dpo.encode_pairs([p for i, p in enumerate(pairs) if i % 20],   # (those longer than the context skipped)
+                               load_checkpoint_tokenizer(tiny_pretrained / "ckpt"), 96)
+    assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["pairs"] == len(trained) > 0
