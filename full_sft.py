@@ -34,7 +34,8 @@ from training import (TrainConfig, arg, check_train_config, load_checkpoint, loa
 class SFTConfig(TrainConfig):
     data: str = arg("", "training conversations (.jsonl); empty = the generated default chat tasks")
     eval_data: str = arg("", "held-out conversations for accuracy; empty = the default held-out set")
-    loss_on: str = arg("assistant", "assistant: learn only the answers; all: every token", choices=["assistant", "all"])
+    loss_on: str = arg("assistant", "assistant: learn only the answers; all: every token (val_loss still "
+                       "scores the answers only, so the runs compare)", choices=["assistant", "all"])
     init_from: str = arg("weight/pretrain", "checkpoint to fine-tune (made by pretrain.py)")
     out_dir: str = arg("weight/sft", "output folder")
     max_steps: int = arg(2000, "optimizer steps (at most: the time budget usually ends the run first)")
@@ -59,7 +60,6 @@ def main(argv=None):
     # 1. the model to fine-tune and its own tokenizer
     model, ckpt_config = load_checkpoint(cfg.init_from, make_hint="python pretrain.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
-    block_size = model.config.block_size
 
     # 2. data: the default generated tasks unless files are given
     if not cfg.data or not cfg.eval_data:
@@ -86,7 +86,7 @@ def main(argv=None):
         print(f"before SFT: {format_report(before)}")
 
     # 4. train
-    lengths = torch.tensor([sum(len(t) for t in example) for example in train])     # (N,) tokens per example
+    lengths = torch.tensor([sum(len(t) for t in example) for example in train])     # (N,) a size to sort by
 
     def next_batch(generator):
         rows = similar_length_rows(lengths, cfg.batch_size, generator)   # random rows, little padding

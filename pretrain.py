@@ -272,7 +272,7 @@ def main(argv=None):
         best.to(rt.device).eval()
         with torch.no_grad(), rt.autocast():
             final = evaluate(best, None)
-        metrics = {**final, "val_bpb_en": final.get("val_bpb_en"), "val_bpb_zh": final.get("val_bpb_zh"),
+        metrics = {**final, "val_bpb_en": final.get("val_bpb_en"), "val_bpb_zh": final.get("val_bpb_zh"),  # fixed keys
                    "params": best.num_params(), "tokens": result["tokens"],
                    "tokens_per_second": round(result["tokens_per_second"], 1),
                    "seconds": round(result["seconds"], 1), "wall_seconds": round(time.time() - started, 1),

@@ -258,13 +258,14 @@ def set_rng_state(state: dict):
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     """AdamW; weight decay on 2-D weights (matmuls, embeddings), none on biases and norms.
 
-    --optimizer muon: the hidden matrices of the blocks (attention and feed-forward)
-    are trained by Muon instead, with lr * muon_lr_ratio; embeddings, head, norms and
-    biases stay with AdamW (as in nanochat and the modded-nanogpt speedruns).
+    --optimizer muon: the hidden matrices of the blocks (attention and feed-forward; in an
+    encoder-decoder the encoder's blocks too) are trained by Muon instead, with lr *
+    muon_lr_ratio; embeddings, head, norms and biases stay with AdamW (as in nanochat and
+    the modded-nanogpt speedruns).
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     use_muon = cfg.optimizer == "muon"
-    hidden = [p for n, p in params if use_muon and p.dim() == 2 and n.startswith("blocks.")]
+    hidden = [p for n, p in params if use_muon and p.dim() == 2 and n.startswith(("blocks.", "encoder."))]
     hidden_ids = {id(p) for p in hidden}
     decay = [p for n, p in params if p.dim() >= 2 and id(p) not in hidden_ids]
     no_decay = [p for n, p in params if p.dim() < 2]
@@ -562,9 +563,10 @@ def run_training(model: GPT, cfg: TrainConfig, rt: Runtime, next_batch: Callable
                  save_weights: Callable = None, compute_loss: Callable = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps (or cfg.time_budget seconds) and return the final metrics.
 
-    next_batch(generator) -> (x, y) on CPU, (B, T) each; y = -100 where the loss is ignored.
-    compute_loss(model, batch) -> scalar loss; default: the model's own next-token loss
-    on (x, y). DPO passes its own (batch = chosen and rejected sequences).
+    next_batch(generator) -> a tuple of CPU tensors: (x, y), (B, T) each, with y = -100 where
+    the loss is ignored; (source, decoder input, targets, pad lengths) for an encoder-decoder;
+    DPO's chosen and rejected sequences. batch[0].numel() counts as the step's tokens.
+    compute_loss(model, batch) -> scalar loss; default: the model's own loss, model(*batch)[1].
     evaluate(model, max_tokens) -> dict with at least "val_loss" (lower is better).
     meta: what config.json records besides the model config (tokenizer, arguments, stage).
 

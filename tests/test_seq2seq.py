@@ -131,3 +131,13 @@ def test_an_objective_that_does_not_fit_the_model_is_refused(tmp_path):
         pretrain.main(["--objective", "next_span", "--out_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--objective next_token does not fit an encoder-decoder model"):
         pretrain.main(["--objective", "next_token", "--n_encoder_layer", "2", "--out_dir", str(tmp_path)])
+
+
+def test_muon_trains_the_encoders_matrices_too():
+    from training import TrainConfig, make_optimizer
+    model = build_model(ModelConfig(vocab_size=64, n_layer=1, n_encoder_layer=1, n_embd=32, n_head=2))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    in_muon = {id(p) for group in optimizer.optimizers[1].param_groups for p in group["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in in_muon}
+    assert "encoder.0.attn.q_proj.weight" in names and "blocks.0.cross_attn.q_proj.weight" in names
+    assert "tok_emb.weight" not in names
