@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import DEFAULT_CHAT_DIR, IGNORE_INDEX, batch_targets, chat_collate
+from data.chat_data import (DEFAULT_CHAT_DIR, IGNORE_INDEX, batch_targets, build_default_chat_data, chat_collate,
+                            jsonl_records, read_conversations)
 from data.corpus_tasks import DEFAULT_CHOICE_PATH, build_choice_items
+from data.pretrain_data import DataError
 from tokenizer.chat import render_chat
 from training import (ROOT, arg, atomic_write_text, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
                       main_guard, parse_config, resolve_device)
@@ -70,7 +72,7 @@ def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: in
         family = record.get("family", "user")
         right[family] += ok
         total[family] += 1
-        if len(shown) < examples * len(total) and sum(1 for s in shown if s["family"] == family) < examples:
+        if sum(1 for s in shown if s["family"] == family) < examples:       # the first few of each family
             shown.append({"family": family, "prompt": record["conversations"][-2]["content"],
                           "expected": expected, "answer": answer, "correct": ok})
     by_family = {f: right[f] / total[f] for f in sorted(total)}
@@ -160,8 +162,6 @@ def format_choice_report(report: dict) -> str:
 
 def read_choice_items(path: str | Path) -> list[dict]:
     """Multiple-choice jsonl: {"context" or "messages", "options": [...], "answer": index}; bad lines say file:line."""
-    from data.chat_data import jsonl_records
-    from data.pretrain_data import DataError
     items = []
     for where, item in jsonl_records(path, 'like {"context": ..., "options": [...], "answer": 0}'):
         if not isinstance(item, dict) or not ("context" in item or "messages" in item):
@@ -211,7 +211,6 @@ class EvalConfig:
 def evaluate_checkpoint(model, tokenizer, tasks: str = "all", data: str | Path = DEFAULT_EVAL_DATA,
                         choice_data: str | Path = DEFAULT_CHOICE_PATH, max_new_tokens: int = 32) -> dict:
     """{"chat": exact-match report, "choice": multiple-choice report} (the default sets are built if missing)."""
-    from data.chat_data import build_default_chat_data, read_conversations
     report = {}
     if tasks in ("all", "chat"):
         if Path(data).resolve() == DEFAULT_EVAL_DATA.resolve():
