@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from data.chat_data import (DEFAULT_CHAT_DIR, IGNORE_INDEX, collate, default_words, plausible_wrong_answer,
-                            preference_pair, read_conversations, read_preference_pairs, similar_length_rows,
-                            synthetic_names, write_jsonl)
+                            preference_pair, read_conversations, read_preference_pairs, records_and_held_out,
+                            sft_data_of, similar_length_rows, synthetic_names, write_jsonl)
 from evaluation import exact_match_report, format_report, greedy_answers
 from tokenizer.chat import render_chat
 from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
@@ -43,7 +43,7 @@ from training import (TrainConfig, arg, check_train_config, load_checkpoint, loa
 class DPOConfig(TrainConfig):
     data: str = arg("", "preference pairs (.jsonl with chosen/rejected); empty = generated from the chat tasks")
     eval_data: str = arg("", "held-out preference pairs; empty = every 20th pair of --data (or generated ones)")
-    task_data: str = arg("", "held-out chat tasks for accuracy before/after; empty = the default SFT held-out set")
+    task_data: str = arg("", "held-out chat tasks for accuracy before/after; empty = the base's SFT held-out set")
     init_from: str = arg("weight/sft", "the SFT model to start from (also the frozen reference)")
     out_dir: str = arg("weight/dpo", "output folder")
     beta: float = arg(0.5, "how strongly the reward is tied to staying near the reference (larger: less drift)")
@@ -153,16 +153,8 @@ def main(argv=None):
     # 1. preference pairs
     if cfg.eval_data and not cfg.data:
         raise ValueError("--eval_data needs --data (the training pairs) too")
-    if cfg.data:
-        train_pairs = list(read_preference_pairs(cfg.data))
-        if cfg.eval_data:
-            eval_pairs = list(read_preference_pairs(cfg.eval_data))
-        else:                            # hold out every 20th pair to measure preference accuracy on
-            if len(train_pairs) < 2:
-                raise ValueError(f"{cfg.data}: {len(train_pairs)} pair(s): too few to hold some out; add --eval_data")
-            eval_pairs = train_pairs[::20]
-            train_pairs = [pair for i, pair in enumerate(train_pairs) if i % 20]
-            print(f"dpo: no --eval_data: {len(eval_pairs)} pairs of {cfg.data} (every 20th) held out")
+    if cfg.data:         # your pairs; without --eval_data every 20th pair is held out
+        train_pairs, eval_pairs = records_and_held_out(read_preference_pairs, cfg.data, cfg.eval_data)
     else:
         train_pairs, eval_pairs = default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed)
         write_jsonl(DEFAULT_CHAT_DIR / "dpo_train.jsonl", train_pairs)
@@ -173,7 +165,8 @@ def main(argv=None):
     model.eval()
     ref_train = pair_logprobs(model, train, cfg.batch_size, pad_id, rt.device)
     ref_eval = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
-    task_records = list(read_conversations(cfg.task_data or DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
+    # task accuracy: on the held-out conversations the model was fine-tuned for (its config.json names them)
+    task_records = list(read_conversations(cfg.task_data)) if cfg.task_data else sft_data_of(ckpt_config)[1]
     task_before = exact_match_report(model, tokenizer, task_records, cfg.max_new_tokens)
     print(f"before DPO: {format_report(task_before)}")
 

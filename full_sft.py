@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data.chat_data import (DEFAULT_CHAT_DIR, build_default_chat_data, chat_collate, chat_examples, read_conversations,
-                            similar_length_rows)
+                            records_and_held_out, similar_length_rows)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
                       main_guard, parse_config, run_training, setup_runtime, write_metrics)
@@ -33,7 +33,7 @@ from training import (TrainConfig, arg, check_train_config, load_checkpoint, loa
 @dataclass
 class SFTConfig(TrainConfig):
     data: str = arg("", "training conversations (.jsonl); empty = the generated default chat tasks")
-    eval_data: str = arg("", "held-out conversations for accuracy; empty = the default held-out set")
+    eval_data: str = arg("", "held-out conversations for accuracy; empty = every 20th of --data (or the default set)")
     loss_on: str = arg("assistant", "assistant: learn only the answers; all: every token (val_loss still "
                        "scores the answers only, so the runs compare)", choices=["assistant", "all"])
     init_from: str = arg("weight/pretrain", "checkpoint to fine-tune (made by pretrain.py)")
@@ -62,22 +62,25 @@ def main(argv=None):
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
 
     # 2. data: the default generated tasks unless files are given
-    if not cfg.data or not cfg.eval_data:
+    if cfg.eval_data and not cfg.data:
+        raise ValueError("--eval_data needs --data (the training conversations) too")
+    if cfg.data:         # your files; without --eval_data every 20th conversation is held out
+        train_path, eval_path = Path(cfg.data), cfg.eval_data
+    else:
         if rt.is_main:
             build_default_chat_data(DEFAULT_CHAT_DIR)
         if rt.distributed:
             torch.distributed.barrier()
-    train_path = Path(cfg.data) if cfg.data else DEFAULT_CHAT_DIR / "sft_train.jsonl"
-    eval_path = Path(cfg.eval_data) if cfg.eval_data else DEFAULT_CHAT_DIR / "sft_eval.jsonl"
-    train_records, eval_records = list(read_conversations(train_path)), list(read_conversations(eval_path))
+        train_path, eval_path = DEFAULT_CHAT_DIR / "sft_train.jsonl", DEFAULT_CHAT_DIR / "sft_eval.jsonl"
+    train_records, eval_records = records_and_held_out(read_conversations, train_path, eval_path)
     # a decoder-only model reads a conversation as one sequence; an encoder-decoder one as (source, answer)
     train = chat_examples(train_records, tokenizer, model.config, cfg.loss_on, str(train_path))
-    held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path))
+    held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path or train_path))
     collate = chat_collate(model.config, tokenizer)
     if rt.is_main:
         print(model.summary())
         print(f"data: {len(train):,} training conversations ({train_path}), {len(eval_records):,} held-out "
-              f"({eval_path}); loss on {cfg.loss_on} tokens")
+              f"({eval_path or train_path}); loss on {cfg.loss_on} tokens")
 
     # 3. accuracy before: what pretraining alone gives
     model.to(rt.device)
@@ -94,7 +97,7 @@ def main(argv=None):
 
     evaluate = answer_loss_evaluator(held_out, cfg.batch_size, collate, rt.device)
     meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from,
-            "data": str(train_path), "loss_on": cfg.loss_on}
+            "data": str(train_path), "eval_data": str(eval_path), "loss_on": cfg.loss_on}   # '': held out of data
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="sft")
 
     # 5. accuracy after, with the saved (best held-out loss) weights

@@ -3,7 +3,7 @@ lora.py -- teach the chat model a new skill by training small low-rank adapters.
 
     python lora.py                                  # weight/sft + the "first word" skill -> weight/lora/
     python lora.py --rank 8 --alpha 16 --target_modules q_proj v_proj
-    python lora.py --data my_skill.jsonl --eval_data my_skill_eval.jsonl --lora_name my_skill
+    python lora.py --data my_skill.jsonl --eval_data my_skill_eval.jsonl --out_dir weight/lora_my_skill
     python lora.py --merge                          # weight/lora adapter folded into weight/lora_merged/
 
 LoRA (Hu et al., 2021): every chosen linear layer W (out, in) stays frozen and gets a
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, chat_collate, chat_examples, default_words,
-                            generate_chat_data, read_conversations, similar_length_rows, write_jsonl)
+                            generate_chat_data, read_conversations, records_and_held_out, sft_data_of,
+                            similar_length_rows, write_jsonl)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from model import add_lora, lora_state_dict, merge_lora
 from training import (ADAPTER_CONFIG, ADAPTER_FILE, WEIGHTS_FILE, TrainConfig, arg, atomic_save, atomic_write_text,
@@ -39,9 +40,11 @@ from training import (ADAPTER_CONFIG, ADAPTER_FILE, WEIGHTS_FILE, TrainConfig, a
 @dataclass
 class LoRAConfig(TrainConfig):
     data: str = arg("", "training conversations for the new skill (.jsonl); empty = the generated 'first word' skill")
-    eval_data: str = arg("", "held-out conversations of the new skill; empty = the default ones")
-    old_eval_data: str = arg("", "held-out conversations of the old skills (forgetting check); empty = SFT's")
-    replay_data: str = arg("", "training conversations of the old skills to replay (--replay); empty = SFT's")
+    eval_data: str = arg("", "held-out conversations of the new skill; empty = every 20th of --data (or the "
+                             "default ones)")
+    old_eval_data: str = arg("", "held-out conversations of the old skills (forgetting check); empty = the "
+                                 "base's SFT held-out set")
+    replay_data: str = arg("", "old skills' conversations to replay (--replay); empty = the base's SFT data")
     init_from: str = arg("weight/sft", "the model to adapt (its weights stay frozen)")
     out_dir: str = arg("weight/lora", "output folder: adapter.pt + adapter_config.json")
     lora_name: str = arg("first_word", "a name for the adapter, stored in adapter_config.json")
@@ -110,21 +113,26 @@ def main(argv=None):
     base_model_config, base_checksum = model.config.to_dict(), weights_checksum(model)
 
     # 2. data: the new skill, plus a replay of old skills, plus held-out sets for both
-    skill = default_skill_data() if not (cfg.data and cfg.eval_data) else {}
-    train_path = Path(cfg.data) if cfg.data else skill["train"]
-    eval_path = Path(cfg.eval_data) if cfg.eval_data else skill["eval"]
-    old_eval_path = Path(cfg.old_eval_data) if cfg.old_eval_data else DEFAULT_CHAT_DIR / "sft_eval.jsonl"
-    old_train_path = Path(cfg.replay_data) if cfg.replay_data else DEFAULT_CHAT_DIR / "sft_train.jsonl"
-    if cfg.replay_data and not old_train_path.exists():
-        raise FileNotFoundError(f"--replay_data {old_train_path} not found")
-    new_records, eval_records = list(read_conversations(train_path)), list(read_conversations(eval_path))
-    old_eval_records = list(read_conversations(old_eval_path)) if old_eval_path.exists() else []
+    if cfg.eval_data and not cfg.data:
+        raise ValueError("--eval_data needs --data (the new skill's training conversations) too")
+    if cfg.data:         # your skill; without --eval_data every 20th conversation is held out
+        train_path, eval_path = Path(cfg.data), cfg.eval_data
+    else:
+        skill = default_skill_data()
+        train_path, eval_path = skill["train"], skill["eval"]
+    new_records, eval_records = records_and_held_out(read_conversations, train_path, eval_path)
+    # the old skills: what the base was fine-tuned on (its config.json names the files), unless given
+    old_train_records, old_eval_records, old_where = sft_data_of(base_config)
+    if cfg.replay_data:
+        old_train_records, old_where = list(read_conversations(cfg.replay_data)), cfg.replay_data
+    if cfg.old_eval_data:
+        old_eval_records = list(read_conversations(cfg.old_eval_data))
     new = chat_examples(new_records, tokenizer, model.config, "assistant", str(train_path))
-    old = chat_examples(list(read_conversations(old_train_path)), tokenizer, model.config, "assistant",
-                        str(old_train_path)) if cfg.replay > 0 and old_train_path.exists() else []
-    held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path))
-    if cfg.replay > 0 and not old:
-        print(f"replay: off ({old_train_path} not found; --replay_data names the old skills' training data)")
+    old = chat_examples(old_train_records, tokenizer, model.config, "assistant", old_where) if cfg.replay > 0 else []
+    held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path or train_path))
+    if cfg.replay > 0:
+        print(f"replay: {cfg.replay:.0%} of each batch from {len(old):,} conversations of {old_where}" if old else
+              "replay: off (no SFT data of the base found; --replay_data names the old skills' training data)")
     collate = chat_collate(model.config, tokenizer)
 
     # 3. before: the base model on the new skill and on the old ones

@@ -35,7 +35,7 @@ import re
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -410,4 +410,40 @@ def read_preference_pairs(path: str | Path) -> Iterator[dict]:
             raise DataError(f'{where}: needs "chosen" and "rejected" message lists')
         check_turns(record["chosen"], where + " (chosen)")
         check_turns(record["rejected"], where + " (rejected)")
+        if record["chosen"][:-1] != record["rejected"][:-1]:
+            raise DataError(f"{where}: chosen and rejected must share the conversation before their last answer "
+                            f"(only the last assistant message may differ)")
         yield record
+
+
+HOLD_OUT_EVERY = 20        # a --data file given without --eval_data: every 20th record is held out
+
+
+def records_and_held_out(read: Callable, data: str | Path, eval_data: str | Path = "",
+                         announce: bool = True) -> tuple[list, list]:
+    """(training records, held-out records) of a stage's --data and --eval_data, read with `read`
+    (read_conversations or read_preference_pairs). Without eval_data every 20th record of data is
+    held out, so a stage never picks its best weights by a loss on unrelated data."""
+    records = list(read(data))
+    if eval_data:
+        return records, list(read(eval_data))
+    if len(records) < 2:
+        raise DataError(f"{data}: {len(records)} record(s): too few to hold some out; give --eval_data too")
+    held_out = records[::HOLD_OUT_EVERY]
+    if announce:
+        print(f"data: no --eval_data: {len(held_out)} records of {data} (every {HOLD_OUT_EVERY}th) held out")
+    return [r for i, r in enumerate(records) if i % HOLD_OUT_EVERY], held_out
+
+
+def sft_data_of(ckpt_config: dict) -> tuple[list, list, str]:
+    """The conversations a model was fine-tuned on, as (training, held-out, where), read again from the
+    files its config.json names (full_sft.py records them), else the default generated ones: what
+    lora.py replays and checks for forgetting, and what dpo.py measures task accuracy on."""
+    data, eval_data = ckpt_config.get("data"), ckpt_config.get("eval_data")     # eval_data "": held out of data
+    if ckpt_config.get("stage") != "sft" or not isinstance(data, str) or not isinstance(eval_data, str) \
+            or not Path(data).exists() or (eval_data and not Path(eval_data).exists()):
+        data, eval_data = DEFAULT_CHAT_DIR / "sft_train.jsonl", DEFAULT_CHAT_DIR / "sft_eval.jsonl"
+        if not data.exists():
+            return [], [], str(DEFAULT_CHAT_DIR)
+    train, held_out = records_and_held_out(read_conversations, data, eval_data, announce=False)
+    return train, held_out, str(data)

@@ -104,3 +104,33 @@ def test_similar_length_batches_cut_padding_and_pick_every_row_equally_often():
     assert mixed < 2000 * 0.2                                    # most batches hold one length only
     assert counts[:50].sum() / counts.sum() == pytest.approx(0.5, abs=0.03)   # short and long equally often
     assert counts.min() > 0.6 * counts.mean()                    # and no row is left out
+
+
+def test_data_without_eval_data_holds_out_every_20th_and_later_stages_find_it(tiny_pretrained, tmp_path, capsys):
+    from data.chat_data import HOLD_OUT_EVERY, sft_data_of
+    records = list(read_conversations(tiny_pretrained / "train.jsonl"))
+    flags = ["--init_from", str(tiny_pretrained / "ckpt"), "--max_steps", "1", "--eval_interval", "1",
+             "--time_budget", "0", "--batch_size", "4", "--max_new_tokens", "1"]
+    with pytest.raises(ValueError, match="--eval_data needs --data"):
+        full_sft.main(flags + ["--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(tmp_path / "x")])
+    full_sft.main(flags + ["--data", str(tiny_pretrained / "train.jsonl"), "--out_dir", str(tmp_path / "sft")])
+    held_out = records[::HOLD_OUT_EVERY]
+    assert f"data: no --eval_data: {len(held_out)} records of" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["accuracy"] is not None
+    # lora.py and dpo.py read the same split back from the SFT model's config.json
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    train, held, where = sft_data_of(config)
+    assert held == held_out and len(train) == len(records) - len(held_out) and where.endswith("train.jsonl")
+    # a model that is not an SFT model (or names no files) falls back to the default generated data
+    from data.chat_data import DEFAULT_CHAT_DIR
+    assert sft_data_of({"stage": "pretrain"})[2].startswith(str(DEFAULT_CHAT_DIR))
+
+
+def test_preference_pairs_must_share_their_prompt(tmp_path):
+    from data.chat_data import read_preference_pairs
+    user = {"role": "user", "content": "hi"}
+    pair = {"chosen": [user, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}
+    (tmp_path / "p.jsonl").write_text(json.dumps(pair) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="p.jsonl:1: chosen and rejected must share the conversation"):
+        list(read_preference_pairs(tmp_path / "p.jsonl"))
