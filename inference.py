@@ -63,21 +63,26 @@ class Session:
 
     def conversation_ids(self, user_text: str) -> list[int]:
         """System prompt + history + the new user turn, as ids. If it does not fit (leaving
-        room for an answer), the oldest turns are dropped; the system prompt always stays."""
+        room for an answer), the oldest turns are dropped; the system prompt always stays.
+        A message too long even on its own is refused and the history kept as it was."""
         room = min(self.params.max_new_tokens, self.engine.context // 4)
         system = [{"role": "system", "content": self.system}] if self.system else []
+        history = self.history
         while True:
-            messages = system + self.history + [{"role": "user", "content": user_text}]
+            messages = system + history + [{"role": "user", "content": user_text}]
             try:
                 ids = self.engine.chat_ids(messages)
             except ValueError:
-                if not self.history:
-                    raise
+                if not history:
+                    raise                            # the message alone does not fit: nothing forgotten
                 ids = None
-            if ids is not None and (self.engine.room(len(ids)) >= room or not self.history):
+            if ids is not None and (self.engine.room(len(ids)) >= room or not history):
+                dropped = (len(self.history) - len(history)) // 2
+                if dropped:
+                    print(f"[history longer than the context: the oldest {dropped} turn(s) dropped]")
+                self.history = history
                 return ids
-            self.history = self.history[2:]          # forget the oldest user/assistant pair
-            print("[history longer than the context: the oldest turn was dropped]")
+            history = history[2:]                    # try without the oldest user/assistant pair
 
     def answer(self, text: str):
         """Stream the model's answer to one line of input (chat) or its continuation (text)."""

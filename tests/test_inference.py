@@ -92,8 +92,17 @@ def test_chat_repl_keeps_history_resets_and_drops_old_turns(chat_ckpt):
     lines = [long_turn] * 6 + ["/reset", "/system Be brief.", "hi", "/exit"]
     result = infer("--ckpt", str(chat_ckpt), "--max_new_tokens", "4", "--seed", "0", stdin="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
-    assert "the oldest turn was dropped" in result.stdout   # the tiny model's context is 96 tokens
+    assert "the oldest 1 turn(s) dropped" in result.stdout   # the tiny model's context is 96 tokens
     assert "[conversation reset]" in result.stdout and "system prompt: 'Be brief.'" in result.stdout
+
+
+def test_a_message_too_long_for_the_context_keeps_the_history(chat_ckpt, tmp_path):
+    lines = ["apple", "bread " * 200, f"/save {tmp_path / 'chat.json'}", "/exit"]
+    result = infer("--ckpt", str(chat_ckpt), "--max_new_tokens", "3", "--seed", "0", stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "error:" in result.stdout + result.stderr and "dropped" not in result.stdout
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == ["apple"]
 
 
 def test_lora_flag_loads_an_adapter_on_its_base(chat_ckpt, tiny_pretrained, tmp_path):
