@@ -438,9 +438,12 @@ class GPT(nn.Module):
             shared = f" + {c.n_shared_experts} shared" if c.n_shared_experts else ""
             ffn = (f"MoE: top {c.top_k} of {c.n_experts} {c.mlp} experts{shared} of width {c.expert_hidden} "
                    f"({self.num_params(active=True) / 1e6:.2f}M params active per token)")
-        return (f"GPT[{c.flavour}] {self.num_params() / 1e6:.2f}M params "
+        kind, layers = "GPT", f"{c.n_layer} layers"
+        if c.n_encoder_layer:
+            kind, layers = "Seq2Seq", f"{c.n_encoder_layer} encoder + {c.n_layer} decoder layers (cross-attention)"
+        return (f"{kind}[{c.flavour}] {self.num_params() / 1e6:.2f}M params "
                 f"({self.num_params(non_embedding=True) / 1e6:.2f}M non-embedding): "
-                f"{c.n_layer} layers x {c.n_embd} wide, {attn}, head_dim {c.head_dim}, "
+                f"{layers} x {c.n_embd} wide, {attn}, head_dim {c.head_dim}, "
                 f"{c.position} positions, {c.norm}, {ffn}, context {c.block_size}, vocab {c.vocab_size}"
                 f"{', tied embeddings' if c.tie_embeddings else ''}")
 

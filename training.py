@@ -429,7 +429,10 @@ def load_adapted_model(adapter_dir: str | Path, device="cpu"):
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"{adapter_dir / name} not found: train an adapter with `python lora.py`")
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    model, base_config = load_checkpoint(config["init_from"], make_hint="python full_sft.py")
+    base = Path(config["init_from"])
+    if not base.is_absolute() and not base.exists() and (ROOT / base).exists():
+        base = ROOT / base           # a path relative to the repository (weight/sft), used from elsewhere
+    model, base_config = load_checkpoint(base, make_hint="python full_sft.py")
     if base_config.get("tokenizer", {}).get("fingerprint") != config.get("tokenizer", {}).get("fingerprint") \
             or model.config.to_dict() != config.get("base_model") \
             or abs(weights_checksum(model) - config.get("base_checksum", float("nan"))) > 1e-4:
@@ -741,3 +744,6 @@ def main_guard(main: Callable):
     except KeyboardInterrupt:
         print("\ninterrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:          # output piped into a reader that stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        sys.exit(0)
