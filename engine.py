@@ -33,8 +33,8 @@ import torch
 
 from model import left_pad
 from tokenizer.chat import render_chat
-from training import (arg, check_tokenizer_matches, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
-                      resolve_device)
+from training import (adapter_base, arg, check_tokenizer_matches, load_adapted_model, load_checkpoint,
+                      load_checkpoint_tokenizer, resolve_device)
 
 CHAT_STAGES = ("sft", "dpo", "lora", "lora_merged")     # checkpoints that expect the chat template
 MAKE_COMMANDS = {"pretrain": "python pretrain.py", "sft": "python full_sft.py", "dpo": "python dpo.py",
@@ -222,7 +222,7 @@ class Engine:
         ckpt = cfg.init_from or cfg.ckpt
         if cfg.lora:   # the adapter names its base checkpoint; the tokenizer is the base's
             model, ckpt_config = load_adapted_model(cfg.lora, device)
-            ckpt, ckpt_config["stage"] = ckpt_config["init_from"], "lora"
+            ckpt, ckpt_config["stage"] = adapter_base(ckpt_config), "lora"
             name = Path(cfg.lora).name
         else:
             model, ckpt_config = load_checkpoint(ckpt, device, make_hint=MAKE_COMMANDS.get(

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from data.chat_data import (DEFAULT_CHAT_DIR, IGNORE_INDEX, batch_targets, build_default_chat_data, chat_collate,
-                            jsonl_records, read_conversations)
+                            jsonl_records, read_conversations, write_jsonl)
 from data.corpus_tasks import DEFAULT_CHOICE_PATH, build_choice_items
 from data.pretrain_data import DataError
 from tokenizer.chat import render_chat
-from training import (ROOT, arg, atomic_write_text, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
-                      main_guard, parse_config, resolve_device)
+from training import (ROOT, adapter_base, arg, atomic_write_text, load_adapted_model, load_checkpoint,
+                      load_checkpoint_tokenizer, main_guard, parse_config, resolve_device)
 
 DEFAULT_EVAL_DATA = DEFAULT_CHAT_DIR / "sft_eval.jsonl"
 
@@ -218,7 +218,6 @@ def evaluate_checkpoint(model, tokenizer, tasks: str = "all", data: str | Path =
         report["chat"] = exact_match_report(model, tokenizer, list(read_conversations(data)), max_new_tokens)
     if tasks in ("all", "choice"):
         if Path(choice_data).resolve() == DEFAULT_CHOICE_PATH.resolve() and not DEFAULT_CHOICE_PATH.exists():
-            from data.chat_data import write_jsonl
             write_jsonl(DEFAULT_CHOICE_PATH, build_choice_items())
         report["choice"] = multiple_choice_report(model, tokenizer, read_choice_items(choice_data))
     return report
@@ -229,7 +228,7 @@ def main(argv=None):
     device = resolve_device(cfg.device)
     if cfg.lora:
         model, adapter_config = load_adapted_model(cfg.lora, device)
-        tokenizer, name = load_checkpoint_tokenizer(adapter_config["init_from"]), cfg.lora
+        tokenizer, name = load_checkpoint_tokenizer(adapter_base(adapter_config)), cfg.lora
     else:
         model, _ = load_checkpoint(cfg.ckpt, device, make_hint="python full_sft.py")
         tokenizer, name = load_checkpoint_tokenizer(cfg.ckpt), cfg.ckpt

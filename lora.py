@@ -32,9 +32,10 @@ from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, chat_collate, chat_exam
                             similar_length_rows, write_jsonl)
 from evaluation import answer_loss_evaluator, exact_match_report, format_report
 from model import add_lora, lora_state_dict, merge_lora
-from training import (ADAPTER_CONFIG, ADAPTER_FILE, WEIGHTS_FILE, TrainConfig, arg, atomic_save, atomic_write_text,
-                      check_train_config, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer, main_guard,
-                      parse_config, run_training, save_checkpoint, setup_runtime, weights_checksum, write_metrics)
+from training import (ADAPTER_CONFIG, ADAPTER_FILE, WEIGHTS_FILE, TrainConfig, adapter_base, arg, atomic_save,
+                      atomic_write_text, check_train_config, load_adapted_model, load_checkpoint,
+                      load_checkpoint_tokenizer, main_guard, parse_config, run_training, save_checkpoint,
+                      setup_runtime, weights_checksum, write_metrics)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def merge_command(cfg: LoRAConfig):
         raise ValueError(f"{out}/ already exists: add --force to replace it, or choose --merged_dir")
     model, config = load_adapted_model(cfg.out_dir)
     merge_lora(model)
-    tokenizer = load_checkpoint_tokenizer(config["init_from"])
+    tokenizer = load_checkpoint_tokenizer(adapter_base(config))
     save_checkpoint(out, model, {"tokenizer": config["tokenizer"], "stage": "lora_merged",
                                  "lora": config["lora"], "init_from": config["init_from"]}, tokenizer)
     print(f"lora: merged {cfg.out_dir}/ into {config['init_from']}/ -> {out}/ (a full checkpoint)")

@@ -422,6 +422,15 @@ def weights_checksum(model) -> float:
     return round(sum(t.float().mean().item() for t in model.state_dict().values()), 6)
 
 
+def adapter_base(adapter_config: dict) -> Path:
+    """The base checkpoint an adapter names: as written, or relative to the repository (weight/sft)
+    when the adapter is used from another working directory."""
+    base = Path(adapter_config["init_from"])
+    if not base.is_absolute() and not base.exists() and (ROOT / base).exists():
+        return ROOT / base
+    return base
+
+
 def load_adapted_model(adapter_dir: str | Path, device="cpu"):
     """Base checkpoint (named in adapter_config.json) + its adapter. Returns (model, adapter config)."""
     adapter_dir = Path(adapter_dir)
@@ -429,10 +438,7 @@ def load_adapted_model(adapter_dir: str | Path, device="cpu"):
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"{adapter_dir / name} not found: train an adapter with `python lora.py`")
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    base = Path(config["init_from"])
-    if not base.is_absolute() and not base.exists() and (ROOT / base).exists():
-        base = ROOT / base           # a path relative to the repository (weight/sft), used from elsewhere
-    model, base_config = load_checkpoint(base, make_hint="python full_sft.py")
+    model, base_config = load_checkpoint(adapter_base(config), make_hint="python full_sft.py")
     if base_config.get("tokenizer", {}).get("fingerprint") != config.get("tokenizer", {}).get("fingerprint") \
             or model.config.to_dict() != config.get("base_model") \
             or abs(weights_checksum(model) - config.get("base_checksum", float("nan"))) > 1e-4:

@@ -446,7 +446,7 @@ def main(argv=None):
         p.add_argument("--overwrite", action="store_true", help="replace what is already in out")
     args = parser.parse_args(argv)
 
-    from training import (ADAPTER_CONFIG, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
+    from training import (ADAPTER_CONFIG, adapter_base, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
                           save_checkpoint)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -466,7 +466,7 @@ def main(argv=None):
     if (src / ADAPTER_CONFIG).exists():    # a LoRA adapter: fold it into its base first
         model, config = load_adapted_model(src)
         merge_lora(model)
-        tokenizer = load_checkpoint_tokenizer(config["init_from"])
+        tokenizer = load_checkpoint_tokenizer(adapter_base(config))
     else:
         model, _ = load_checkpoint(src, make_hint="python pretrain.py")
         tokenizer = load_checkpoint_tokenizer(src)
