@@ -162,9 +162,11 @@ def main(argv=None):
     train, held_out = encode_pairs(train_pairs, tokenizer, block), encode_pairs(eval_pairs, tokenizer, block)
 
     # 2. the reference is the starting model: its log-probs are computed once, before training
+    # (in the same precision as training and evaluation, so that at step 0 every margin is exactly 0)
     model.eval()
-    ref_train = pair_logprobs(model, train, cfg.batch_size, pad_id, rt.device)
-    ref_eval = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
+    with rt.autocast():
+        ref_train = pair_logprobs(model, train, cfg.batch_size, pad_id, rt.device)
+        ref_eval = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
     # task accuracy: on the held-out conversations the model was fine-tuned for (its config.json names them)
     task_records = list(read_conversations(cfg.task_data)) if cfg.task_data else sft_data_of(ckpt_config)[1]
     task_before = exact_match_report(model, tokenizer, task_records, cfg.max_new_tokens)
@@ -205,7 +207,8 @@ def main(argv=None):
     # 3. after: the saved weights on held-out pairs and on the tasks
     best, _ = load_checkpoint(cfg.out_dir, rt.device)
     best.eval()
-    prefs = evaluate(best, None)
+    with rt.autocast():
+        prefs = evaluate(best, None)
     task_after = exact_match_report(best, tokenizer, task_records, cfg.max_new_tokens)
     metrics = {"preference_accuracy": prefs["preference_accuracy"], "reward_margin": prefs["reward_margin"],
                "val_loss": prefs["val_loss"], "accuracy": task_after["accuracy"],

@@ -68,6 +68,11 @@ def test_dpo_runs_end_to_end_and_reports_preferences(tiny_pretrained, tmp_path):
     for key in ("preference_accuracy", "reward_margin", "accuracy", "accuracy_by_family", "accuracy_before"):
         assert metrics[key] is not None, key
     assert 0 <= metrics["preference_accuracy"] <= 1
+    import csv
+    with open(out / "log.csv", newline="") as f:
+        step0 = next(row for row in csv.DictReader(f) if row["step"] == "0" and row["val_loss"])
+    # at step 0 the policy is the reference: every margin is exactly 0 and the loss log 2
+    assert float(step0["val_loss"]) == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_data_without_eval_data_holds_out_every_20th_pair(tiny_pretrained, tmp_path, capsys):
