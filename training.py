@@ -401,6 +401,9 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
     if is_hf_folder(ckpt_dir):
         return load_hf_checkpoint(ckpt_dir, device)
     config_path, weights_path = ckpt_dir / CONFIG_FILE, ckpt_dir / WEIGHTS_FILE
+    if (ckpt_dir / ADAPTER_CONFIG).exists() and not weights_path.exists():
+        raise ValueError(f"{ckpt_dir}/ is a LoRA adapter, not a full checkpoint: use --lora {ckpt_dir} (inference, "
+                         f"evaluation, serve) or merge it first: `python lora.py --merge --out_dir {ckpt_dir}`")
     for path in (config_path, weights_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: no checkpoint in {ckpt_dir}/; "

@@ -215,7 +215,8 @@ def jsonl_records(path: str | Path, expected: str) -> Iterator[tuple[str, object
             except UnicodeDecodeError:
                 raise DataError(f"{where}: bytes that are not UTF-8; convert the file to UTF-8") from None
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one object {expected}") from None
+                raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); "
+                                f"each line must be one object {expected}") from None
 
 
 def read_conversations(path: str | Path) -> Iterator[dict]:

@@ -110,7 +110,7 @@ def _read_jsonl(path: Path, part: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be "
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno}); each line must be "
                                 f'one object like {{"text": "..."}}') from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f'{path}:{line_no}: no "text" string field; each line must be '

@@ -116,6 +116,8 @@ def test_lora_flag_loads_an_adapter_on_its_base(chat_ckpt, tiny_pretrained, tmp_
     assert result.returncode == 0, result.stderr
     missing = infer("--lora", str(tmp_path / "nothing"), "--prompt", "hi")
     assert missing.returncode == 2 and "python lora.py" in missing.stderr
+    as_ckpt = infer("--ckpt", str(out), "--prompt", "hi")          # an adapter given where a checkpoint goes
+    assert as_ckpt.returncode == 2 and f"is a LoRA adapter, not a full checkpoint: use --lora {out}" in as_ckpt.stderr
 
 
 # ---- model.py: left-padded batches, the KV cache's size, sampling ------------------------------------------------

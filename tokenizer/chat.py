@@ -31,7 +31,8 @@ def check_messages(messages: Sequence[dict], where: str = "conversation") -> Non
     """Raise ValueError (one line: which message, what is wrong) unless messages is a list of
     {"role": one of ROLES, "content": str}."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
+        got = "an empty list" if isinstance(messages, (list, tuple)) else f"a {type(messages).__name__}"
+        raise ValueError(f"{where}: expected a non-empty list of messages, got {got}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"{where}: message {i} is a {type(message).__name__}, "
