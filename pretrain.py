@@ -289,6 +289,9 @@ def main(argv=None):
                                        generator=torch.Generator(device=rt.device).manual_seed(cfg.seed))
             print("sample:\n" + tokenizer.decode([t.item() for t in new]).strip())
     if rt.distributed:
+        # shut down together: a process that tears its connections down while another still
+        # holds them open can abort at exit (seen once with gloo on CPU)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
