@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-from machine import machine_info  # noqa: E402  (bench/machine.py)
+from machine import machine_info, timed  # noqa: E402  (bench/machine.py)
 from model import GPT, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "inference.json"
@@ -152,20 +152,6 @@ def hf_llama_copy(model: GPT):
 
 # ----------------------------------------------------------------------------------
 # Timing
-
-
-def synchronize(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    """Seconds one call of fn takes (GPU work included)."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 def alternate(runs: dict, rounds: int, device: str) -> dict:

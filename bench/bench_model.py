@@ -30,7 +30,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from machine import machine_info  # noqa: E402  (bench/machine.py)
+from machine import machine_info, timed  # noqa: E402  (bench/machine.py)
 from model import GPT, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "model.json"
@@ -105,26 +104,11 @@ def parse_args() -> BenchArgs:
 # Timing helpers
 
 
-def synchronize(device: str):
-    """Wait for queued GPU work, so the clock measures the work and not just its launch."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def autocast(args: BenchArgs):
     """bfloat16 autocast (weights stay float32), or nothing for float32."""
     if args.dtype == "bfloat16":
         return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def timed(fn, device: str) -> float:
-    """Seconds one call of fn takes."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------

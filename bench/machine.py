@@ -1,6 +1,8 @@
-"""What a benchmark ran on, written beside every result so that figures are only compared like with like."""
+"""What a benchmark ran on (written beside every result, so that figures are only compared like with like),
+and the clock every benchmark times with."""
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -28,3 +30,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def synchronize(device: str):
+    """Wait for queued GPU work, so the clock measures the work and not just its launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    """Seconds one call of fn takes (GPU work included)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
