@@ -89,8 +89,10 @@ class SamplingParams:
 
     @classmethod
     def of(cls, config) -> "SamplingParams":
-        """The sampling fields of a larger config (InferenceConfig, ServeConfig)."""
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        """The sampling flags of a command (InferenceConfig, ServeConfig), checked: stop strings
+        typed as '\\n' become newlines; a value that cannot work stops with one line naming the flag."""
+        params = cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        return params.replace(stop=tuple(unescape(s) for s in params.stop)).validate(flag_prefix="--")
 
     @classmethod
     def greedy(cls, max_new_tokens: int) -> "SamplingParams":

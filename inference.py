@@ -291,8 +291,7 @@ def answer_jsonl(engine: Engine, cfg: InferenceConfig, params: SamplingParams):
 
 def main(argv=None):
     cfg = parse_config(InferenceConfig, __doc__.split("\n\n")[0].strip(), argv)
-    cfg.stop = tuple(unescape(s) for s in cfg.stop)
-    params = SamplingParams.of(cfg).validate(flag_prefix="--")
+    params = SamplingParams.of(cfg)
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {cfg.batch_size}")
     engine = Engine.load(cfg)

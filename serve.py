@@ -44,7 +44,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from engine import Delta, Engine, LoadConfig, SamplingParams, unescape
+from engine import Delta, Engine, LoadConfig, SamplingParams
 from tokenizer.chat import check_messages
 from training import ROOT, arg, main_guard, parse_config
 
@@ -444,8 +444,7 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
 
 def main(argv=None):
     cfg = parse_config(ServeConfig, __doc__.split("\n\n")[0].strip(), argv)
-    cfg.stop = tuple(unescape(s) for s in cfg.stop)
-    defaults = SamplingParams.of(cfg).validate(flag_prefix="--")
+    defaults = SamplingParams.of(cfg)
     if cfg.max_batch < 1:
         raise ValueError(f"--max_batch must be at least 1, got {cfg.max_batch}")
     engine = Engine.load(cfg)
