@@ -165,6 +165,17 @@ def alternate(runs: dict, rounds: int, device: str) -> dict:
     return {name: statistics.median(s) for name, s in seconds.items()}
 
 
+def race(generators: dict, n: int, args: BenchArgs) -> tuple[dict, bool]:
+    """Two ways of generating the same n tokens, timed alternately: tok/s of each, and
+    whether they produced identical tokens (they must, or the race is not fair)."""
+    out = {}
+    runs = {name: (lambda name=name, generate=generate: out.__setitem__(name, generate()))
+            for name, generate in generators.items()}
+    seconds = alternate(runs, args.rounds, args.device)
+    first, second = out.values()
+    return {name: round(n / s, 1) for name, s in seconds.items()}, torch.equal(first, second)
+
+
 def random_prompt(args: BenchArgs, batch: int, length: int, vocab: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(args.seed + length)
     return torch.randint(vocab, (batch, length), generator=g).to(args.device)
@@ -182,14 +193,9 @@ def bench_decode(model: GPT, args: BenchArgs) -> list[dict]:
         if args.prompt_len + n > model.config.block_size:
             print(f"decode: {n} new tokens do not fit the context of {model.config.block_size}: skipped")
             continue
-        out = {}
-        runs = {cache: (lambda cache=cache: out.__setitem__(cache, model.generate(prompt, n, temperature=0,
-                                                                                  use_cache=cache)))
-                for cache in (True, False)}
-        seconds = alternate(runs, args.rounds, args.device)
-        same = torch.equal(out[True], out[False])
-        row = dict(new_tokens=n, cache_tok_s=round(n / seconds[True], 1), recompute_tok_s=round(n / seconds[False], 1),
-                   identical=same)
+        tok_s, same = race({cache: (lambda cache=cache: model.generate(prompt, n, temperature=0, use_cache=cache))
+                            for cache in (True, False)}, n, args)
+        row = dict(new_tokens=n, cache_tok_s=tok_s[True], recompute_tok_s=tok_s[False], identical=same)
         row["speedup"] = round(row["cache_tok_s"] / row["recompute_tok_s"], 2)
         print(f"decode, {n} new tokens: KV cache {row['cache_tok_s']:,.1f} tok/s, recompute "
               f"{row['recompute_tok_s']:,.1f} tok/s ({row['speedup']:.2f}x), tokens {'identical' if same else 'DIFFER'}")
@@ -209,15 +215,12 @@ def bench_against_hf(model: GPT, args: BenchArgs) -> list[dict]:
     for n in args.hf_lengths:
         if args.prompt_len + n > model.config.block_size:
             continue
-        out = {}
-        runs = {"project": lambda: out.__setitem__("project", model.generate(prompt, n, temperature=0)),
-                "transformers": lambda: out.__setitem__("transformers", hf.generate(
-                    prompt, max_new_tokens=n, do_sample=False, pad_token_id=0,     # no eos: exactly n tokens
-                    attention_mask=torch.ones_like(prompt)))}
-        seconds = alternate(runs, args.rounds, args.device)
-        same = torch.equal(out["project"], out["transformers"])
-        row = dict(new_tokens=n, project_tok_s=round(n / seconds["project"], 1),
-                   hf_tok_s=round(n / seconds["transformers"], 1), identical=same, max_logit_diff=max_logit_diff)
+        tok_s, same = race({"project": lambda: model.generate(prompt, n, temperature=0),
+                            "transformers": lambda: hf.generate(prompt, max_new_tokens=n, do_sample=False,
+                                                                pad_token_id=0,      # no eos: exactly n tokens
+                                                                attention_mask=torch.ones_like(prompt))}, n, args)
+        row = dict(new_tokens=n, project_tok_s=tok_s["project"], hf_tok_s=tok_s["transformers"], identical=same,
+                   max_logit_diff=max_logit_diff)
         row["speedup"] = round(row["project_tok_s"] / row["hf_tok_s"], 2)
         print(f"vs transformers LlamaForCausalLM.generate, {n} new tokens: project {row['project_tok_s']:,.1f} "
               f"tok/s, transformers {row['hf_tok_s']:,.1f} tok/s ({row['speedup']:.2f}x); same weights (logits "
