@@ -384,18 +384,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, block: type = Block, rope_positions: int = 0):
+        """block and rope_positions (default: block_size) are for Seq2Seq, whose decoder blocks
+        add cross-attention and whose RoPE tables reach past the source."""
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         else:
-            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D)
+            cos, sin = rope_tables(config.head_dim, rope_positions or config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (positions, D)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -756,25 +758,15 @@ class Seq2Seq(GPT):
     """
 
     def __init__(self, config: ModelConfig):
-        nn.Module.__init__(self)
-        self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        # the decoder is GPT's, with cross-attention in its blocks; its RoPE tables are twice the
+        # context long, as cross-attention queries sit after the source (source_length + t)
+        super().__init__(config, block=DecoderBlock, rope_positions=2 * config.block_size)
         if config.position == "learned":
-            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)        # decoder positions
             self.enc_pos_emb = nn.Embedding(config.block_size, config.n_embd)    # encoder positions
-        else:   # twice the context: cross-attention queries sit after the source (source_length + t)
-            cos, sin = rope_tables(config.head_dim, 2 * config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(config.dropout)
+            self.enc_pos_emb.apply(self._init_weights)
         self.encoder = nn.ModuleList(Block(config, i) for i in range(config.n_encoder_layer))
         self.encoder_norm = make_norm(config)
-        self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layer))
-        self.final_norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
+        self.encoder.apply(self._init_weights)
 
     def rope_at(self, positions: torch.Tensor):
         """RoPE tables at positions (T,) -> (T, D) each, or (B, T) -> (B, 1, T, D) each; None without RoPE."""
