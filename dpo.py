@@ -30,13 +30,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.chat_data import (DEFAULT_CHAT_DIR, IGNORE_INDEX, collate, default_words, plausible_wrong_answer,
-                            preference_pair, read_conversations, read_preference_pairs, records_and_held_out,
-                            sft_data_of, similar_length_rows, synthetic_names, write_jsonl)
-from evaluation import exact_match_report, format_report, greedy_answers
+from data.chat_data import (DEFAULT_CHAT_DIR, collate, default_words, plausible_wrong_answer, preference_pair,
+                            read_conversations, read_preference_pairs, sft_data_of, similar_length_rows, stage_data,
+                            synthetic_names, write_jsonl)
+from flags import arg, main_guard, parse_config
+from model import IGNORE_INDEX, moe_aux_loss
+from runtime import finish, setup_runtime
+from scoring import before_and_after, greedy_answers, task_accuracy
 from tokenizer.chat import render_chat
-from training import (TrainConfig, arg, check_train_config, load_checkpoint, load_checkpoint_tokenizer,
-                      main_guard, parse_config, run_training, setup_runtime, write_metrics)
+from training import TrainConfig, check_train_config, run_training, write_metrics
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
 
 
 @dataclass
@@ -45,21 +48,22 @@ class DPOConfig(TrainConfig):
     eval_data: str = arg("", "held-out preference pairs; empty = every 20th pair of --data (or generated ones)")
     task_data: str = arg("", "held-out chat tasks for accuracy before/after; empty = the base's SFT held-out set")
     init_from: str = arg("weight/sft", "the SFT model to start from (also the frozen reference)")
-    out_dir: str = arg("weight/dpo", "output folder")
     beta: float = arg(0.5, "how strongly the reward is tied to staying near the reference (larger: less drift)")
     sft_weight: float = arg(1.0, "weight of an SFT loss on the chosen answers (0 = pure DPO)")
     on_policy: int = arg(2000, "training prompts answered by the SFT model; its wrong answers become rejected ones")
     max_pairs: int = arg(8000, "chat tasks turned into plausible-wrong pairs (a 60 s run uses about 5,000 pairs; "
                                "each pair costs a reference forward pass up front)")
-    lr: float = arg(1e-4, "peak learning rate")
-    min_lr: float = arg(1e-5, "final learning rate")
     batch_size: int = arg(32, "pairs per micro-batch")
-    max_steps: int = arg(1000, "optimizer steps (at most)")
-    time_budget: float = arg(60.0, "seconds of training steps (0 = exactly max_steps)")
-    warmup_steps: int = arg(10, "linear warmup steps")
-    eval_interval: int = arg(50, "evaluate held-out pairs every N steps")
-    eval_tokens: int = arg(0, "unused: every held-out pair is scored")
+    eval_tokens: int = arg(0, "answer tokens of held-out pairs scored in periodic evaluations (0 = every pair)")
     max_new_tokens: int = arg(32, "longest answer generated when measuring task accuracy")
+    # the shared training flags, with this stage's defaults
+    out_dir: str = "weight/dpo"
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    max_steps: int = 1000
+    time_budget: float = 60.0
+    warmup_steps: int = 10
+    eval_interval: int = 50
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
@@ -150,15 +154,15 @@ def main(argv=None):
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
     pad_id, block = tokenizer.eot_id, model.config.block_size
 
-    # 1. preference pairs
-    if cfg.eval_data and not cfg.data:
-        raise ValueError("--eval_data needs --data (the training pairs) too")
-    if cfg.data:         # your pairs; without --eval_data every 20th pair is held out
-        train_pairs, eval_pairs = records_and_held_out(read_preference_pairs, cfg.data, cfg.eval_data)
-    else:
-        train_pairs, eval_pairs = default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed)
-        write_jsonl(DEFAULT_CHAT_DIR / "dpo_train.jsonl", train_pairs)
-        write_jsonl(DEFAULT_CHAT_DIR / "dpo_eval.jsonl", eval_pairs)
+    # 1. preference pairs: your files (without --eval_data every 20th pair is held out), or generated
+    def generated_pairs():               # from the chat tasks and the SFT model's own answers (main process)
+        paths = DEFAULT_CHAT_DIR / "dpo_train.jsonl", DEFAULT_CHAT_DIR / "dpo_eval.jsonl"
+        if rt.is_main:
+            for path, pairs in zip(paths, default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed)):
+                write_jsonl(path, pairs)
+        return paths
+    train_pairs, eval_pairs, _, _ = rt.main_first(
+        lambda: stage_data(read_preference_pairs, cfg.data, cfg.eval_data, generated_pairs))
     train, held_out = encode_pairs(train_pairs, tokenizer, block), encode_pairs(eval_pairs, tokenizer, block)
 
     # 2. the reference is the starting model: its log-probs are computed once, before training
@@ -169,9 +173,10 @@ def main(argv=None):
         ref_eval = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
     # task accuracy: on the held-out conversations the model was fine-tuned for (its config.json names them)
     task_records = list(read_conversations(cfg.task_data)) if cfg.task_data else sft_data_of(ckpt_config)[1]
-    task_before = exact_match_report(model, tokenizer, task_records, cfg.max_new_tokens)
-    print(f"before DPO: {format_report(task_before)}")
+    if rt.is_main:
+        task_before = task_accuracy(model, tokenizer, task_records, cfg.max_new_tokens, "before DPO")
 
+    # 3. train: the DPO loss on batches of pairs (plus a little SFT on the chosen answers)
     lengths = torch.tensor([len(chosen[0]) + len(rejected[0]) for chosen, rejected in train])   # (N,)
 
     def next_batch(generator):
@@ -183,18 +188,23 @@ def main(argv=None):
     def compute_loss(policy, batch):     # policy: the model being trained (DDP-wrapped when distributed)
         xc, yc, xr, yr, ref_c, ref_r = batch
         pi_c, n_c = answer_logprob(policy, xc, yc)
-        aux_chosen = model.moe_aux_loss()    # a Mixture of Experts' balance loss of that forward pass (0 if dense)
+        aux_chosen = moe_aux_loss(model)     # a Mixture of Experts' balance loss of that forward pass (0 if dense)
         pi_r, _ = answer_logprob(policy, xr, yr)
         loss, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta)
         sft = -(pi_c / n_c.clamp(min=1)).mean()                               # mean NLL per chosen token
         total = loss.mean() + cfg.sft_weight * sft
         if model.config.n_experts:       # keep the experts evenly loaded, as in pretraining: both passes count
-            total = total + model.config.aux_loss_coef * (aux_chosen + model.moe_aux_loss()) / 2
+            total = total + model.config.aux_loss_coef * (aux_chosen + moe_aux_loss(model)) / 2
         return total
 
+    # periodic evaluations may score only the first pairs (--eval_tokens answer tokens); the final one scores all
+    answer_tokens = torch.tensor([int((c[1] != IGNORE_INDEX).sum() + (r[1] != IGNORE_INDEX).sum())
+                                  for c, r in held_out]).cumsum(0)
+
     def evaluate(scored, max_tokens):
-        pi_chosen, pi_rejected = pair_logprobs(scored, held_out, cfg.batch_size, pad_id, rt.device)
-        loss, margin = dpo_loss(pi_chosen, pi_rejected, *ref_eval, cfg.beta)
+        n = len(held_out) if not max_tokens else min(len(held_out), int((answer_tokens < max_tokens).sum()) + 1)
+        pi_chosen, pi_rejected = pair_logprobs(scored, held_out[:n], cfg.batch_size, pad_id, rt.device)
+        loss, margin = dpo_loss(pi_chosen, pi_rejected, ref_eval[0][:n], ref_eval[1][:n], cfg.beta)
         # a pair counts as preferred when its reward margin is positive
         return {"val_loss": loss.mean().item(), "preference_accuracy": (margin > 0).float().mean().item(),
                 "reward_margin": margin.mean().item()}
@@ -204,23 +214,22 @@ def main(argv=None):
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="dpo",
                           compute_loss=compute_loss)
 
-    # 3. after: the saved weights on held-out pairs and on the tasks
-    best, _ = load_checkpoint(cfg.out_dir, rt.device)
-    best.eval()
-    with rt.autocast():
-        prefs = evaluate(best, None)
-    task_after = exact_match_report(best, tokenizer, task_records, cfg.max_new_tokens)
-    metrics = {"preference_accuracy": prefs["preference_accuracy"], "reward_margin": prefs["reward_margin"],
-               "val_loss": prefs["val_loss"], "accuracy": task_after["accuracy"],
-               "accuracy_by_family": task_after["accuracy_by_family"], "accuracy_before": task_before["accuracy"],
-               "accuracy_by_family_before": task_before["accuracy_by_family"], "beta": cfg.beta,
-               "sft_weight": cfg.sft_weight, "pairs": len(train), "seconds": round(result["seconds"], 1),
-               "wall_seconds": round(time.time() - started, 1), "steps": result["step"]}
-    write_metrics(Path(cfg.out_dir), metrics)
-    print(f"after DPO: {format_report(task_after)}")
-    print(f"dpo: held-out preference accuracy {prefs['preference_accuracy']:.1%}, reward margin "
-          f"{prefs['reward_margin']:.3f}; task accuracy {task_before['accuracy']:.1%} -> {task_after['accuracy']:.1%} "
-          f"-> {cfg.out_dir}/")
+    # 4. after: the saved weights on held-out pairs and on the tasks
+    if rt.is_main:
+        best, _ = load_checkpoint(cfg.out_dir, rt.device)
+        best.eval()
+        with rt.autocast():
+            prefs = evaluate(best, None)
+        task_after = task_accuracy(best, tokenizer, task_records, cfg.max_new_tokens, "after DPO")
+        metrics = {"preference_accuracy": prefs["preference_accuracy"], "reward_margin": prefs["reward_margin"],
+                   "val_loss": prefs["val_loss"], **before_and_after(task_before, task_after), "beta": cfg.beta,
+                   "sft_weight": cfg.sft_weight, "pairs": len(train), "seconds": round(result["seconds"], 1),
+                   "wall_seconds": round(time.time() - started, 1), "steps": result["step"]}
+        write_metrics(Path(cfg.out_dir), metrics)
+        print(f"dpo: held-out preference accuracy {prefs['preference_accuracy']:.1%}, reward margin "
+              f"{prefs['reward_margin']:.3f}; task accuracy {task_before['accuracy']:.1%} -> "
+              f"{task_after['accuracy']:.1%} -> {cfg.out_dir}/")
+    finish(rt)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """
 engine.py -- the generation engine behind inference.py (REPL, one-shot, jsonl) and serve.py (HTTP API).
 
-    text or messages --(chat template)--> ids --(model.generate_stream)--> token ids
-        --(UTF-8 decoder, stop strings)--> pieces of text, streamed as they are ready
+    text or messages --(chat template)--> ids --(prefill, then one token per step
+        with the KV cache; sampling)--> token ids --(UTF-8 decoder, stop strings)-->
+        pieces of text, streamed as they are ready
 
 An `Engine` holds a model, its tokenizer and whether it chats. It turns prompts into
 ids (refusing, in one line, what does not fit the context) and streams answers for a
@@ -12,12 +13,14 @@ row is done.
 
 `SamplingParams` are the knobs of one answer (temperature, top-k, top-p, min-p,
 penalties, length, stop strings, seed), checked in one place for the command line,
-the REPL's /set and the server alike.
+the REPL's /set and the server alike. The sampler itself (`sample_next_token`,
+`apply_penalties`) and the decoding loop (`decode_tokens`) are here too: model.py keeps
+only a short `generate` with temperature and top-k, the version to read first.
 
-Other model types: `Engine.stream` is the one place that calls `model.generate_stream`
-and `Engine.room` the one place that says how many tokens fit after a prompt. The
-encoder-decoder model (model.Seq2Seq) plugs in there: its `generate_stream` takes the
-same arguments, reads the prompt with its encoder and yields decoder tokens.
+Other model types: `next_logits_fn` is the one place that runs the model for the
+decoding loop and `Engine.room` the one place that says how many tokens fit after a
+prompt. The encoder-decoder model (model.Seq2Seq) plugs in there: its encoder reads
+the prompt once, and its decoder yields the answer.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from model import left_pad
+from flags import arg
+from runtime import resolve_device
+from tokenizer import load_tokenizer
 from tokenizer.chat import render_chat
-from training import (adapter_base, arg, check_tokenizer_matches, load_adapted_model, load_checkpoint,
-                      load_checkpoint_tokenizer, resolve_device)
+from weight.checkpoint import (adapter_base, check_tokenizer_matches, load_adapted_model, load_checkpoint,
+                               load_checkpoint_tokenizer)
 
 CHAT_STAGES = ("sft", "dpo", "lora", "lora_merged")     # checkpoints that expect the chat template
 MAKE_COMMANDS = {"pretrain": "python pretrain.py", "sft": "python full_sft.py", "dpo": "python dpo.py",
@@ -79,7 +84,7 @@ class SamplingParams:
         return self
 
     def model_kwargs(self) -> dict:
-        """The keyword arguments of GPT.generate_stream."""
+        """The keyword arguments of decode_tokens."""
         return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p,
                     min_p=self.min_p or None, repetition_penalty=self.repetition_penalty,
                     frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
@@ -119,6 +124,176 @@ class LoadConfig(SamplingParams):
     chat: str = arg("auto", "chat template and history: auto (on for SFT/LoRA/DPO checkpoints and imported "
                             "models with a chat template), on, off",
                     choices=["auto", "on", "off"])
+
+
+# ----------------------------------------------------------------------------------
+# The decoding loop and the sampler
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> idx (B, T_max) padded on the left with pad_id,
+    and pad_lengths (B,). Left, so that every row's next token lands in the same column."""
+    longest = max(len(s) for s in sequences)
+    idx = torch.tensor([[pad_id] * (longest - len(s)) + list(s) for s in sequences], device=device)
+    pad_lengths = torch.tensor([longest - len(s) for s in sequences], device=device)
+    return idx, pad_lengths
+
+
+def next_logits_fn(model, idx: torch.Tensor, pad_lengths: Optional[torch.Tensor], max_new_tokens: int,
+                   use_cache: bool = True):
+    """How the decoding loop runs the model on prompts idx (B, T), left-padded by pad_lengths (B,).
+
+    Returns (next_logits, start, seen_pad_lengths): next_logits(sequence, step_input) -> logits
+    (B, V) of the next token, given everything so far (B, t) and what is new since the last
+    call (the whole start first, then one token); start (B, n) is what decoding begins from.
+    With the cache the model sees only the new tokens (prefill, then one per step); without
+    it the whole sequence again every step (slow; for comparison).
+    A decoder-only model starts from the prompt itself. An encoder-decoder model reads the
+    prompt once with its encoder and starts decoding from its start token, which does not
+    count as seen for the repetition penalty (seen_pad_lengths 1).
+    """
+    B = idx.shape[0]
+    if pad_lengths is not None and not bool(pad_lengths.any()):
+        pad_lengths = None                           # nothing padded: the plain causal path
+    if getattr(model.config, "n_encoder_layer", 0):
+        with torch.inference_mode():
+            source = model.encode_source(idx, pad_lengths)               # the encoder runs once
+        start = torch.full((B, 1), model.config.decoder_start_id, dtype=idx.dtype, device=idx.device)
+        cache = model.new_kv_cache(B, 1 + max_new_tokens) if use_cache else None
+
+        def next_logits(decoded, step_input):
+            logits, _ = model(idx, step_input if use_cache else decoded, kv_cache=cache, source=source, last_only=True)
+            return logits[:, -1, :]                                      # (B, V)
+        return next_logits, start, torch.ones(B, dtype=torch.long, device=idx.device)
+
+    cache = model.new_kv_cache(B, idx.shape[1] + max_new_tokens) if use_cache else None
+
+    def next_logits(sequence, step_input):
+        if use_cache:                                # only the new tokens: the cache holds the rest
+            logits, _ = model(step_input, kv_cache=cache, pad_lengths=pad_lengths, last_only=True)
+        else:
+            logits, _ = model(sequence, pad_lengths=pad_lengths, last_only=True)
+        return logits[:, -1, :]                                          # (B, V)
+    return next_logits, idx, pad_lengths
+
+
+def generate(model, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
+             pad_lengths: Optional[torch.Tensor] = None, **sampling) -> torch.Tensor:
+    """Token ids in, token ids out, with the full sampler (the engine's own path, below the text).
+
+    Prompts idx (B, T), left-padded by pad_lengths (B,) -> prompt + new tokens (B, T + n) for a
+    decoder-only model, the decoder's tokens (B, n) for an encoder-decoder one. sampling: the
+    keyword arguments of decode_tokens (temperature, top_k, ..., stop_tokens, generator). After a
+    row's stop token its later tokens mean nothing. (model.generate is the short version.)
+    """
+    seq2seq = bool(getattr(model.config, "n_encoder_layer", 0))
+    room = model.config.block_size - (1 if seq2seq else idx.shape[1])
+    if room < 1:
+        raise ValueError(f"prompt of {idx.shape[1]} tokens does not fit the context of "
+                         f"{model.config.block_size} tokens: shorten it")
+    max_new_tokens = min(max_new_tokens, room)
+    next_logits, start, seen_pad_lengths = next_logits_fn(model, idx, pad_lengths, max_new_tokens, use_cache)
+    new = [t.unsqueeze(1) for t in decode_tokens(next_logits, start, max_new_tokens, model.config.vocab_size,
+                                                 seen_pad_lengths=seen_pad_lengths, **sampling)]
+    if seq2seq:
+        return torch.cat(new, dim=1) if new else idx.new_zeros((idx.shape[0], 0))
+    return torch.cat([idx] + new, dim=1)
+
+
+@torch.inference_mode()   # like no_grad, and less work per op; the yielded tokens are inference tensors
+def decode_tokens(next_logits: Callable, start: torch.Tensor, max_new_tokens: int, vocab_size: int,
+                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                  presence_penalty: float = 0.0, stop_tokens: tuple = (), generator: Optional[torch.Generator] = None,
+                  seen_pad_lengths: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """The sampling loop: yield one new token per row (B,) per step.
+
+    next_logits(sequence, step_input) -> logits (B, V) for the next position (see
+    next_logits_fn). The tokens of `start` (minus left padding, seen_pad_lengths) count as
+    already seen for the repetition penalty. A row is done at its first stop token (its later
+    tokens mean nothing); the loop ends when every row is done or after max_new_tokens.
+    """
+    B, T = start.shape
+    penalize = repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
+    if penalize:
+        real = torch.ones_like(start, dtype=torch.float32)           # (B, T): 1 = a real prompt token
+        if seen_pad_lengths is not None:
+            real = (torch.arange(T, device=start.device) >= seen_pad_lengths.view(B, 1)).float()
+        seen = torch.zeros(B, vocab_size, device=start.device).scatter_add_(1, start, real) > 0   # (B, V)
+        counts = torch.zeros(B, vocab_size, device=start.device)     # (B, V) times generated
+    finished = torch.zeros(B, dtype=torch.bool, device=start.device)
+    stop = torch.tensor(list(stop_tokens), dtype=start.dtype, device=start.device)
+    sequence = torch.empty(B, T + max_new_tokens, dtype=start.dtype, device=start.device)  # (B, T + n), filled as we go
+    sequence[:, :T] = start
+    step_input = start
+    for t in range(T, T + max_new_tokens):
+        logits = next_logits(sequence[:, :t], step_input)           # (B, V)
+        if penalize:
+            logits = apply_penalties(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
+        yield next_token
+        if stop_tokens:
+            finished |= torch.isin(next_token, stop)
+            if finished.all():
+                return
+        sequence[:, t] = next_token
+        step_input = sequence[:, t:t + 1]                            # (B, 1)
+        if penalize:
+            seen.scatter_(1, step_input, True)
+            counts.scatter_add_(1, step_input, torch.ones_like(step_input, dtype=counts.dtype))
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, repetition_penalty: float = 1.0,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> torch.Tensor:
+    """Discourage repeats in logits (B, V); seen (B, V) bool: in the prompt or generated; counts (B, V):
+    times generated so far.
+
+    repetition (CTRL paper, as in HF): a seen token's logit is divided by the penalty if
+    positive, multiplied if negative. frequency / presence (OpenAI): logit -= frequency * count
+    + presence * (count > 0).
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if frequency_penalty != 0.0 or presence_penalty != 0.0:
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).float()
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                      min_p: Optional[float] = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V).
+
+    temperature 0 -> argmax (greedy). Otherwise p = softmax(logits / temperature), keeping only
+    the top_k most likely tokens, the smallest set whose probability reaches top_p, and the
+    tokens with p >= min_p * max(p); then one draw from what is left.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]       # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the best one always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)                                        # (B, V)
+    if min_p is not None and min_p > 0:
+        # p < min_p * p_max is dropped: a cut-off that follows how confident the model is
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------
@@ -233,8 +408,7 @@ class Engine:
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
         model = model.to(getattr(torch, dtype))
         if cfg.tokenizer:
-            from tokenizer import Tokenizer
-            tokenizer = Tokenizer.load(cfg.tokenizer)
+            tokenizer = load_tokenizer(cfg.tokenizer)
         else:
             tokenizer = load_checkpoint_tokenizer(ckpt)
         check_tokenizer_matches(ckpt_config, tokenizer, ckpt)
@@ -303,9 +477,11 @@ class Engine:
         idx, pad_lengths = left_pad(prompts, self.tokenizer.eot_id, self.device)      # (B, T), (B,)
         self.stats = Stats(prompt_tokens=sum(len(p) for p in prompts))
         start = time.perf_counter()
-        tokens = self.model.generate_stream(
-            idx, max(limits), stop_tokens=self.stop_tokens, use_cache=use_cache, pad_lengths=pad_lengths,
-            generator=generator if generator is not None else self.generator(params.seed), **params.model_kwargs())
+        next_logits, begin, seen_pad_lengths = next_logits_fn(self.model, idx, pad_lengths, max(limits), use_cache)
+        tokens = decode_tokens(next_logits, begin, max(limits), self.model.config.vocab_size,
+                               stop_tokens=self.stop_tokens, seen_pad_lengths=seen_pad_lengths,
+                               generator=generator if generator is not None else self.generator(params.seed),
+                               **params.model_kwargs())
         try:
             for step, next_tokens in enumerate(tokens):
                 if step == 0:

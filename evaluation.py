@@ -29,69 +29,28 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import (DEFAULT_CHAT_DIR, IGNORE_INDEX, batch_targets, build_default_chat_data, chat_collate,
-                            jsonl_records, read_conversations, write_jsonl)
+from atomic import atomic_write_text
+from data.chat_data import (DEFAULT_CHAT_DIR, build_default_chat_data, chat_collate, jsonl_records,
+                            read_conversations, write_jsonl)
 from data.corpus_tasks import DEFAULT_CHOICE_PATH, build_choice_items
 from data.pretrain_data import DataError
+from flags import arg, main_guard, parse_config
+from model import IGNORE_INDEX
+from runtime import resolve_device
+from scoring import exact_match_report, format_report
 from tokenizer.chat import render_chat
-from training import (ROOT, adapter_base, arg, atomic_write_text, load_adapted_model, load_checkpoint,
-                      load_checkpoint_tokenizer, main_guard, parse_config, resolve_device)
+from weight.checkpoint import ROOT, adapter_base, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer
 
 DEFAULT_EVAL_DATA = DEFAULT_CHAT_DIR / "sft_eval.jsonl"
 
 
-@torch.no_grad()
-def greedy_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
-                   batch_size: int = 64) -> list[str]:
-    """The model's greedy answer to each conversation (its last assistant message is left out).
-
-    Prompts are sorted by length and generated up to batch_size at a time as left-padded
-    batches (engine.Engine.complete, as the chat tools do); each row stops at its own <|im_end|>.
-    """
-    from engine import Engine, SamplingParams   # the batched generation of inference.py and serve.py
-    prompts = [render_chat(c[:-1], tokenizer, add_generation_prompt=True)[0] for c in conversations]
-    answers = [""] * len(prompts)
-    engine = Engine(model, tokenizer, chat=True, stop_tokens=(tokenizer.im_end_id,))
-    fits = [i for i, ids in enumerate(prompts) if engine.room(len(ids)) > 0]    # no room: counts as wrong
-    if fits:
-        done = engine.complete([prompts[i] for i in fits], SamplingParams.greedy(max_new_tokens), batch_size)
-        for i, completion in zip(fits, done):
-            answers[i] = completion.text
-    return answers
-
-
-def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
-                       examples: int = 3) -> dict:
-    """{"accuracy": overall 0-1, "accuracy_by_family": {...}, "n": ..., "examples": [...]}."""
-    answers = greedy_answers(model, tokenizer, [r["conversations"] for r in records], max_new_tokens)
-    right, total = defaultdict(int), defaultdict(int)
-    shown = []
-    for record, answer in zip(records, answers):
-        expected = record["conversations"][-1]["content"]
-        ok = answer.strip() == expected.strip()
-        family = record.get("family", "user")
-        right[family] += ok
-        total[family] += 1
-        if sum(1 for s in shown if s["family"] == family) < examples:       # the first few of each family
-            shown.append({"family": family, "prompt": record["conversations"][-2]["content"],
-                          "expected": expected, "answer": answer, "correct": ok})
-    by_family = {f: right[f] / total[f] for f in sorted(total)}
-    return {"accuracy": sum(right.values()) / max(1, sum(total.values())), "accuracy_by_family": by_family,
-            "n": sum(total.values()), "examples": shown}
-
-
-def format_report(report: dict) -> str:
-    families = ", ".join(f"{f} {a:.0%}" for f, a in report["accuracy_by_family"].items())
-    return f"exact match {report['accuracy']:.1%} on {report['n']} held-out items ({families})"
-
-
 def choice_examples(item: dict, tokenizer, model_config) -> list:
-    """One training-style example per option, scoring only the option's tokens.
+    """One training-style example per option, (x, y, option_mask): only the option's tokens are scored.
 
     A raw-text item continues "context"; a chat item ("messages") is rendered with the
     chat template and the option is the assistant's answer, closed by <|im_end|>. A
     decoder-only model gets the context followed by the option as one sequence (targets
-    only on the option); an encoder-decoder model gets (context, option) as (source, target).
+    marked by the mask); an encoder-decoder model gets (context, option) as (source, target).
     Contexts too long for the model lose their oldest tokens.
     """
     if "messages" in item:
@@ -110,8 +69,8 @@ def choice_examples(item: dict, tokenizer, model_config) -> list:
         keep = max(1, block_size + 1 - len(option))        # ids are inputs + one last target
         ids = context[max(0, len(context) - keep):] + option
         x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-        y[:len(y) - len(option)] = IGNORE_INDEX             # only the option's tokens are scored
-        examples.append((x, y))
+        option_mask = torch.arange(len(y)) >= len(y) - len(option)     # only the option's tokens are scored
+        examples.append((x, y, option_mask))
     return examples
 
 
@@ -127,8 +86,9 @@ def option_logprobs(model, tokenizer, items: list[dict], batch_size: int = 64) -
     model.eval()
     for start in range(0, len(flat), batch_size):
         chunk = flat[start:start + batch_size]
-        batch = [t.to(device) for t in collate_fn([example for _, _, example in chunk])]
-        _, loss = model(*batch, reduction="none")                       # (b, T) nats, 0 where ignored
+        *inputs, targets, option_mask = [t.to(device) for t in collate_fn([example for _, _, example in chunk])]
+        targets = targets.masked_fill(~option_mask, IGNORE_INDEX)
+        _, loss = model(*inputs, targets=targets, reduction="none")     # (b, T) nats, 0 where ignored
         for (i, j, _), nats in zip(chunk, loss.float().sum(dim=1).tolist()):
             scores[i][j] = -nats
     return scores
@@ -173,25 +133,6 @@ def read_choice_items(path: str | Path) -> list[dict]:
             raise DataError(f'{where}: "answer" must be the index of the right option, 0 to {len(options) - 1}')
         items.append(item)
     return items
-
-
-def answer_loss_evaluator(examples, batch_size: int, collate_fn, device):
-    """evaluate(model, max_tokens) -> {"val_loss": mean loss per answer token on held-out conversations}.
-
-    collate_fn turns examples into the model's inputs (data.chat_data.chat_collate).
-    """
-    def evaluate(model, max_tokens):
-        nats, count = 0.0, 0
-        for start in range(0, len(examples), batch_size):
-            batch = [t.to(device) for t in collate_fn(examples[start:start + batch_size])]
-            _, loss = model(*batch, reduction="none")                  # (b, T), 0 where ignored
-            targets = batch_targets(batch)
-            nats += loss.float().sum().item()
-            count += (targets != IGNORE_INDEX).sum().item()
-            if max_tokens and count >= max_tokens:
-                break
-        return {"val_loss": nats / max(count, 1)}
-    return evaluate
 
 
 @dataclass

@@ -28,9 +28,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from atomic import atomic_write_text
 from engine import Engine, LoadConfig, SamplingParams, unescape
+from flags import arg, main_guard, parse_config
 from tokenizer.chat import check_messages
-from training import arg, atomic_write_text, main_guard, parse_config
 
 SAMPLING_NAMES = [f.name for f in dataclasses.fields(SamplingParams)]
 

@@ -12,7 +12,9 @@ trainable update B A, with A (r, in) and B (out, r) for a small rank r:
     y = W x + (alpha / r) * B A x          B = 0 at the start, so nothing changes until it learns
 
 Only A and B are trained and saved (adapter.pt, a few % of the model). `--merge` folds
-B A into W and writes a full checkpoint that computes the same as base + adapter.
+B A into W and writes a full checkpoint that computes the same as base + adapter. The
+adapter is trained like SFT: next-token loss on the answers only, with a share of each
+batch replayed from the old skills so that they are not forgotten.
 
 The numbers that say it worked: the new skill's held-out accuracy before and after,
 and the old skills' accuracy next to the SFT model's (how much was forgotten).
@@ -20,22 +22,24 @@ and the old skills' accuracy next to the SFT model's (how much was forgotten).
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, chat_collate, chat_examples, default_words,
-                            generate_chat_data, read_conversations, records_and_held_out, sft_data_of,
-                            similar_length_rows, write_jsonl)
-from evaluation import answer_loss_evaluator, exact_match_report, format_report
-from model import add_lora, lora_state_dict, merge_lora
-from training import (ADAPTER_CONFIG, ADAPTER_FILE, WEIGHTS_FILE, TrainConfig, adapter_base, arg, atomic_save,
-                      atomic_write_text, check_train_config, load_adapted_model, load_checkpoint,
-                      load_checkpoint_tokenizer, main_guard, parse_config, run_training, save_checkpoint,
-                      setup_runtime, weights_checksum, write_metrics)
+                            generate_chat_data, read_conversations, sft_data_of, similar_length_rows, stage_data,
+                            write_jsonl)
+from flags import arg, main_guard, parse_config
+from model import IGNORE_INDEX
+from runtime import finish, setup_runtime
+from scoring import answer_loss_evaluator, task_accuracy
+from training import TrainConfig, check_train_config, run_training, write_metrics
+from weight.checkpoint import (ADAPTER_FILE, WEIGHTS_FILE, adapter_base, load_adapted_model, load_checkpoint,
+                               load_checkpoint_tokenizer, save_adapter, save_checkpoint, weights_checksum)
 
 
 @dataclass
@@ -46,8 +50,6 @@ class LoRAConfig(TrainConfig):
     old_eval_data: str = arg("", "held-out conversations of the old skills (forgetting check); empty = the "
                                  "base's SFT held-out set")
     replay_data: str = arg("", "old skills' conversations to replay (--replay); empty = the base's SFT data")
-    init_from: str = arg("weight/sft", "the model to adapt (its weights stay frozen)")
-    out_dir: str = arg("weight/lora", "output folder: adapter.pt + adapter_config.json")
     lora_name: str = arg("first_word", "a name for the adapter, stored in adapter_config.json")
     rank: int = arg(8, "r: rank of the update B A")
     alpha: float = arg(16.0, "scaling: the update is multiplied by alpha / r")
@@ -58,42 +60,117 @@ class LoRAConfig(TrainConfig):
     merged_dir: str = arg("", "where --merge writes ('' = out_dir + '_merged')")
     force: bool = arg(False, "let --merge replace an existing folder")
     epochs: float = arg(0.0, "passes over the training data (0 = use max_steps / time_budget)")
+    max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
     optimizer: str = arg("adamw", "adamw only: Muon orthogonalizes full weight matrices, not low-rank factors",
                          choices=["adamw"])
-    lr: float = arg(3e-3, "peak learning rate")
-    min_lr: float = arg(3e-4, "final learning rate")
-    batch_size: int = arg(32, "conversations per micro-batch")
-    max_steps: int = arg(1000, "optimizer steps (at most)")
-    time_budget: float = arg(90.0, "seconds of training steps (0 = exactly max_steps)")
-    warmup_steps: int = arg(10, "linear warmup steps")
-    eval_interval: int = arg(100, "evaluate the held-out loss every N steps")
-    eval_tokens: int = arg(8192, "held-out tokens scored in periodic evaluations")
-    max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
+    # the shared training flags, with this stage's defaults
+    init_from: str = "weight/sft"
+    out_dir: str = "weight/lora"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    batch_size: int = 32
+    max_steps: int = 1000
+    time_budget: float = 90.0
+    warmup_steps: int = 10
+    eval_interval: int = 100
+    eval_tokens: int = 8192
 
 
-def save_adapter(out_dir: Path, model, meta: dict, tokenizer=None):
-    """Only the LoRA tensors, and what they belong to (run_training calls this for the best weights)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(lora_state_dict(model), out_dir / ADAPTER_FILE)
-    atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(meta, indent=2, default=str))
+# ----------------------------------------------------------------------------------
+# The low-rank layer
 
 
-def default_skill_data(out_dir: Path = DEFAULT_CHAT_DIR) -> dict[str, Path]:
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x, with W frozen and only A (r, in) and B (out, r) trained.
+
+    B starts at zero, so before training the layer computes exactly W x. merge() folds
+    the update into W (no extra cost at inference); unmerge() takes it out again.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling      # (..., out)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scaling   # (out, in)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= (self.lora_B @ self.lora_A) * self.scaling
+            self.merged = False
+
+
+def add_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float) -> list[str]:
+    """Freeze every weight, then wrap each nn.Linear whose name ends with one of target_modules
+    (e.g. "q_proj", "v_proj") in a LoRALinear. Returns the wrapped names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in target_modules):
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+                wrapped.append(full)
+    if not wrapped:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"--target_modules {target_modules} matched no linear layer; choose from {names}")
+    return wrapped
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the adapter: the lora_A / lora_B tensors (a few % of the model)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear layers back."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.merge()
+                setattr(module, child_name, child.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# ----------------------------------------------------------------------------------
+# Training and merging
+
+
+def default_skill_data(out_dir: Path = DEFAULT_CHAT_DIR) -> tuple[Path, Path]:
     """The new skill ("which word comes first?"), never in the SFT data, with held-out words."""
-    paths = {"train": out_dir / f"lora_{NEW_SKILL}_train.jsonl", "eval": out_dir / f"lora_{NEW_SKILL}_eval.jsonl"}
-    if not all(p.exists() for p in paths.values()):
-        train, held_out = generate_chat_data(default_words(), 5000, 50, seed=1, families=(NEW_SKILL,))
-        write_jsonl(paths["eval"], held_out)
-        write_jsonl(paths["train"], train)
-    return paths
+    train, held_out = out_dir / f"lora_{NEW_SKILL}_train.jsonl", out_dir / f"lora_{NEW_SKILL}_eval.jsonl"
+    if not (train.exists() and held_out.exists()):
+        train_records, eval_records = generate_chat_data(default_words(), 5000, 50, seed=1, families=(NEW_SKILL,))
+        write_jsonl(held_out, eval_records)
+        write_jsonl(train, train_records)
+    return train, held_out
 
 
 def merge_command(cfg: LoRAConfig):
     out = Path(cfg.merged_dir or cfg.out_dir.rstrip("/") + "_merged")
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise ValueError(f"{out}/ already exists: add --force to replace it, or choose --merged_dir")
-    model, config = load_adapted_model(cfg.out_dir)
-    merge_lora(model)
+    model, config = load_adapted_model(cfg.out_dir)        # the base with W + (alpha / r) B A folded in
     tokenizer = load_checkpoint_tokenizer(adapter_base(config))
     save_checkpoint(out, model, {"tokenizer": config["tokenizer"], "stage": "lora_merged",
                                  "lora": config["lora"], "init_from": config["init_from"]}, tokenizer)
@@ -114,42 +191,36 @@ def main(argv=None):
     base_model_config, base_checksum = model.config.to_dict(), weights_checksum(model)
 
     # 2. data: the new skill, plus a replay of old skills, plus held-out sets for both
-    if cfg.eval_data and not cfg.data:
-        raise ValueError("--eval_data needs --data (the new skill's training conversations) too")
-    if cfg.data:         # your skill; without --eval_data every 20th conversation is held out
-        train_path, eval_path = Path(cfg.data), cfg.eval_data
-    else:
-        skill = default_skill_data()
-        train_path, eval_path = skill["train"], skill["eval"]
-    new_records, eval_records = records_and_held_out(read_conversations, train_path, eval_path)
+    new_records, eval_records, train_path, eval_path = rt.main_first(
+        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_skill_data))
     # the old skills: what the base was fine-tuned on (its config.json names the files), unless given
     old_train_records, old_eval_records, old_where = sft_data_of(base_config)
     if cfg.replay_data:
         old_train_records, old_where = list(read_conversations(cfg.replay_data)), cfg.replay_data
     if cfg.old_eval_data:
         old_eval_records = list(read_conversations(cfg.old_eval_data))
-    new = chat_examples(new_records, tokenizer, model.config, "assistant", str(train_path))
-    old = chat_examples(old_train_records, tokenizer, model.config, "assistant", old_where) if cfg.replay > 0 else []
-    held_out = chat_examples(eval_records, tokenizer, model.config, "assistant", str(eval_path or train_path))
-    if cfg.replay > 0:
+    new = chat_examples(new_records, tokenizer, model.config, train_path)
+    old = chat_examples(old_train_records, tokenizer, model.config, old_where) if cfg.replay > 0 else []
+    held_out = chat_examples(eval_records, tokenizer, model.config, eval_path or train_path)
+    if cfg.replay > 0 and rt.is_main:
         print(f"replay: {cfg.replay:.0%} of each batch from {len(old):,} conversations of {old_where}" if old else
               "replay: off (no SFT data of the base found; --replay_data names the old skills' training data)")
     collate = chat_collate(model.config, tokenizer)
 
     # 3. before: the base model on the new skill and on the old ones
     model.to(rt.device)
-    new_before = exact_match_report(model, tokenizer, eval_records, cfg.max_new_tokens)
-    old_before = exact_match_report(model, tokenizer, old_eval_records, cfg.max_new_tokens) if old_eval_records else None
-    print(f"before LoRA, new skill: {format_report(new_before)}")
-    if old_before:
-        print(f"before LoRA, old skills: {format_report(old_before)}")
+    if rt.is_main:
+        new_before = task_accuracy(model, tokenizer, eval_records, cfg.max_new_tokens, "before LoRA, new skill")
+        old_before = task_accuracy(model, tokenizer, old_eval_records, cfg.max_new_tokens,
+                                   "before LoRA, old skills") if old_eval_records else None
 
     # 4. adapters: freeze everything, add trainable A and B beside the chosen layers
     wrapped = add_lora(model, list(cfg.target_modules), cfg.rank, cfg.alpha)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"lora: rank {cfg.rank}, alpha {cfg.alpha}, {len(wrapped)} layers, {trainable:,} trainable of "
-          f"{total:,} parameters ({trainable / total:.2%})")
+    if rt.is_main:
+        print(f"lora: rank {cfg.rank}, alpha {cfg.alpha}, {len(wrapped)} layers, {trainable:,} trainable of "
+              f"{total:,} parameters ({trainable / total:.2%})")
     if cfg.epochs > 0:               # a batch holds about (1 - replay) x batch_size new-skill rows
         new_per_batch = cfg.batch_size * (1 - cfg.replay) if old else cfg.batch_size
         cfg.max_steps, cfg.time_budget = max(1, round(cfg.epochs * len(new) / new_per_batch)), 0.0
@@ -162,38 +233,47 @@ def main(argv=None):
         rows += [old[i] for i in similar_length_rows(old_lengths, n_old, generator)] if n_old else []
         return collate(rows)
 
+    def answer_loss(model, batch):                       # as in SFT: the answers only
+        *inputs, targets, answer_mask = batch
+        return model(*inputs, targets=targets.masked_fill(~answer_mask, IGNORE_INDEX))[1]
+
+    def save_weights(out_dir, model, meta, tokenizer):   # the best adapter: only A and B, and what they belong to
+        save_adapter(out_dir, lora_state_dict(model), meta)
+
     evaluate = answer_loss_evaluator(held_out, cfg.batch_size, collate, rt.device)
     meta = {"tokenizer": base_config.get("tokenizer"), "init_from": cfg.init_from, "base_model": base_model_config,
             "base_checksum": base_checksum,
             "lora": {"name": cfg.lora_name, "rank": cfg.rank, "alpha": cfg.alpha,
-                     "target_modules": list(cfg.target_modules)}, "data": str(train_path)}
+                     "target_modules": list(cfg.target_modules)}, "data": train_path}
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="lora",
-                          save_weights=save_adapter)
+                          save_weights=save_weights, compute_loss=answer_loss)
 
-    # 5. after: base + the best adapter, reloaded from disk as a user would
-    best, _ = load_adapted_model(cfg.out_dir, rt.device)
-    new_after = exact_match_report(best, tokenizer, eval_records, cfg.max_new_tokens)
-    old_after = exact_match_report(best, tokenizer, old_eval_records, cfg.max_new_tokens) if old_eval_records else None
-    adapter_bytes = (Path(cfg.out_dir) / ADAPTER_FILE).stat().st_size
-    base = Path(cfg.init_from)       # our model.pt, or a Hugging Face folder's safetensors
-    model_bytes = sum(f.stat().st_size for f in [base / WEIGHTS_FILE] + list(base.glob("*.safetensors")) if f.exists())
-    metrics = {"new_skill_accuracy": new_after["accuracy"], "new_skill_accuracy_before": new_before["accuracy"],
-               "old_skills_accuracy": old_after["accuracy"] if old_after else None,
-               "old_skills_accuracy_before": old_before["accuracy"] if old_before else None,
-               "accuracy": (old_after or new_after)["accuracy"],   # the old skills: SFT's held-out set, comparable
-               "accuracy_by_family": {**(old_after or {}).get("accuracy_by_family", {}),
-                                      **new_after["accuracy_by_family"]},
-               "trainable_params": trainable, "trainable_fraction": trainable / total,
-               "adapter_bytes": adapter_bytes, "adapter_fraction": adapter_bytes / model_bytes,
-               "tokens": result["tokens"], "seconds": round(result["seconds"], 1),
-               "wall_seconds": round(time.time() - started, 1), "steps": result["step"]}
-    write_metrics(Path(cfg.out_dir), metrics)
-    print(f"after LoRA, new skill: {format_report(new_after)}")
-    if old_after:
-        print(f"after LoRA, old skills: {format_report(old_after)}")
-    print(f"lora: new skill {new_before['accuracy']:.1%} -> {new_after['accuracy']:.1%}"
-          + (f", old skills {old_before['accuracy']:.1%} -> {old_after['accuracy']:.1%}" if old_after else "")
-          + f"; adapter {adapter_bytes / 1e3:.0f} kB ({adapter_bytes / model_bytes:.1%} of the model) -> {cfg.out_dir}/")
+    # 5. after: the best adapter folded into its base, reloaded from disk as a user would
+    if rt.is_main:
+        best, _ = load_adapted_model(cfg.out_dir, rt.device)
+        new_after = task_accuracy(best, tokenizer, eval_records, cfg.max_new_tokens, "after LoRA, new skill")
+        old_after = task_accuracy(best, tokenizer, old_eval_records, cfg.max_new_tokens,
+                                  "after LoRA, old skills") if old_eval_records else None
+        adapter_bytes = (Path(cfg.out_dir) / ADAPTER_FILE).stat().st_size
+        base = Path(cfg.init_from)       # our model.pt, or a Hugging Face folder's safetensors
+        model_bytes = sum(f.stat().st_size for f in [base / WEIGHTS_FILE] + list(base.glob("*.safetensors"))
+                          if f.exists())
+        metrics = {"new_skill_accuracy": new_after["accuracy"], "new_skill_accuracy_before": new_before["accuracy"],
+                   "old_skills_accuracy": old_after["accuracy"] if old_after else None,
+                   "old_skills_accuracy_before": old_before["accuracy"] if old_before else None,
+                   "accuracy": (old_after or new_after)["accuracy"],   # the old skills: SFT's held-out set, comparable
+                   "accuracy_by_family": {**(old_after or {}).get("accuracy_by_family", {}),
+                                          **new_after["accuracy_by_family"]},
+                   "trainable_params": trainable, "trainable_fraction": trainable / total,
+                   "adapter_bytes": adapter_bytes, "adapter_fraction": adapter_bytes / model_bytes,
+                   "tokens": result["tokens"], "seconds": round(result["seconds"], 1),
+                   "wall_seconds": round(time.time() - started, 1), "steps": result["step"]}
+        write_metrics(Path(cfg.out_dir), metrics)
+        print(f"lora: new skill {new_before['accuracy']:.1%} -> {new_after['accuracy']:.1%}"
+              + (f", old skills {old_before['accuracy']:.1%} -> {old_after['accuracy']:.1%}" if old_after else "")
+              + f"; adapter {adapter_bytes / 1e3:.0f} kB ({adapter_bytes / model_bytes:.1%} of the model) "
+              f"-> {cfg.out_dir}/")
+    finish(rt)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,16 @@ model.py -- one decoder-only Transformer, two flavours, one config.
     flavour="llama"  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head),
                      optional q/k/v bias (Qwen2), no other biases
 
-Every variant is a switch of `ModelConfig`; a checkpoint stores its config as a
-dict, so `build_model(ModelConfig.from_dict(cfg))` rebuilds the exact network. This file imports
-nothing from the project: the network knows no tokenizer, no file format, no stage.
+Read it top to bottom: the config, then the pieces of a block (norm, rotary positions,
+attention with its KV cache, feed-forward), the block, and GPT (forward and generate):
+that is the whole decoder-only model. Two optional variants follow, each fenced off and
+switched on by the config: a Mixture-of-Experts feed-forward (n_experts > 0) and an
+encoder-decoder model (n_encoder_layer > 0).
+
+A checkpoint stores its config as a dict, so `build_model(ModelConfig.from_dict(cfg))`
+rebuilds the exact network. This file imports nothing from the project: the network
+knows no tokenizer, no file format, no stage. (The full sampler, with top-p, min-p,
+penalties and batches of prompts, is engine.py's; the LoRA layer is lora.py's.)
 
 Shapes in comments: B batch, T time (tokens), C n_embd, H heads, Hkv key/value
 heads, D head_dim = C // H, V vocab_size.
@@ -16,8 +23,8 @@ heads, D head_dim = C // H, V vocab_size.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, Iterator, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -32,35 +39,44 @@ FLAVOURS = {
 }
 
 
+def option(default, help: str):
+    """A config field with its --help text: pretrain.py offers every such field as a flag."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8192
-    block_size: int = 256        # context length (max tokens the model sees at once)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    n_kv_head: Optional[int] = None   # key/value heads for grouped-query attention; None = n_head
-    flavour: str = "llama"       # "gpt2" or "llama"; fills the switches below when they are None
-    position: Optional[str] = None    # "learned" | "rope"
-    norm: Optional[str] = None        # "layernorm" | "rmsnorm"
-    mlp: Optional[str] = None         # "gelu" | "swiglu"
-    bias: Optional[bool] = None       # biases in linear layers and LayerNorm
-    qkv_bias: Optional[bool] = None   # biases on q, k, v only (Qwen2 has them, Llama not)
-    tie_embeddings: Optional[bool] = None  # output head shares the token embedding matrix
-    ffn_hidden: Optional[int] = None  # feed-forward width; None = 4C (gelu) or ~8C/3 rounded (swiglu)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
+    vocab_size: int = 4096               # set from the tokenizer
+    block_size: int = option(256, "context length: the most tokens the model sees at once")
+    n_layer: int = option(4, "Transformer blocks")
+    n_head: int = option(4, "attention heads")
+    n_embd: int = option(192, "embedding width C")
+    n_kv_head: Optional[int] = option(None, "key/value heads for grouped-query attention (default: n_head)")
+    flavour: str = option("llama", "gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU); "
+                                   "fills the switches below that are not given")
+    position: Optional[str] = option(None, "learned | rope")
+    norm: Optional[str] = option(None, "layernorm | rmsnorm")
+    mlp: Optional[str] = option(None, "gelu | swiglu")
+    bias: Optional[bool] = option(None, "biases in linear layers and LayerNorm")
+    qkv_bias: Optional[bool] = option(None, "biases on q, k, v only (Qwen2 has them, Llama not)")
+    tie_embeddings: Optional[bool] = option(None, "the output head shares the token embedding matrix")
+    ffn_hidden: Optional[int] = option(None, "feed-forward width (default: 4C for gelu, about 8C/3 for swiglu)")
+    rope_theta: float = option(10000.0, "RoPE base: pair i of a head turns by pos * theta^(-2i/D)")
+    norm_eps: float = option(1e-5, "epsilon of the norms")
+    dropout: float = option(0.0, "dropout probability")
     # Mixture-of-Experts feed-forward (n_experts = 0: the dense feed-forward above)
-    n_experts: int = 0                # routed experts per block
-    top_k: int = 2                    # experts each token is sent to
-    n_shared_experts: int = 0         # experts every token always goes through (DeepSeek-style)
-    expert_hidden: Optional[int] = None   # width of one expert; None = ffn_hidden / (top_k + n_shared_experts)
-    aux_loss_coef: float = 0.01       # weight of the load-balancing loss added to the training loss
-    capacity_factor: float = 0.0      # > 0: an expert takes at most this x its fair share of tokens (extra ones dropped, counted)
-    # encoder-decoder (Seq2Seq): n_encoder_layer > 0 adds an encoder of that many blocks before the n_layer decoder blocks
-    n_encoder_layer: int = 0
-    decoder_start_id: int = 0         # the token the decoder starts from (the tokenizer's <|endoftext|>)
+    n_experts: int = option(0, "routed experts per block (0 = a dense feed-forward)")
+    top_k: int = option(2, "experts each token is sent to")
+    n_shared_experts: int = option(0, "experts every token always goes through (DeepSeek-style)")
+    expert_hidden: Optional[int] = option(None, "width of one expert (default: ffn_hidden / (top_k + shared), "
+                                                "equal active parameters)")
+    aux_loss_coef: float = option(0.01, "weight of the load-balancing loss added to the training loss")
+    capacity_factor: float = option(0.0, "an expert takes at most this x its fair share of tokens, the rest "
+                                         "are dropped (0 = no limit)")
+    # encoder-decoder: n_encoder_layer > 0 adds an encoder of that many blocks before the n_layer decoder blocks
+    n_encoder_layer: int = option(0, "> 0: an encoder-decoder model with this many encoder blocks "
+                                     "(and n_layer decoder blocks); 0 = decoder-only")
+    decoder_start_id: int = 0            # the token the decoder starts from (set from the tokenizer: <|endoftext|>)
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
@@ -85,27 +101,23 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                             f"pick n_embd a multiple of n_head")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
-                             f"each key/value head must serve the same number of query heads")
-        if self.n_encoder_layer < 0:
-            raise ValueError(f"n_encoder_layer must be >= 0 (0 = decoder-only), got {self.n_encoder_layer}")
-        if self.n_experts < 0 or self.n_shared_experts < 0:
-            raise ValueError("n_experts and n_shared_experts must be >= 0")
-        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}: "
-                             f"each token picks top_k of the experts")
-        if self.capacity_factor < 0:
-            raise ValueError(f"capacity_factor must be >= 0 (0 = no limit), got {self.capacity_factor}")
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.n_embd // self.n_head}: change n_embd or n_head")
-        for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        rules = [(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                  f"pick n_embd a multiple of n_head"),
+                 (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not divisible by n_kv_head="
+                  f"{self.n_kv_head}: each key/value head must serve the same number of query heads"),
+                 (self.n_encoder_layer >= 0, f"n_encoder_layer must be >= 0 (0 = decoder-only), got {self.n_encoder_layer}"),
+                 (self.n_experts >= 0 and self.n_shared_experts >= 0, "n_experts and n_shared_experts must be >= 0"),
+                 (not self.n_experts or 1 <= self.top_k <= self.n_experts,
+                  f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}: each token picks top_k experts"),
+                 (self.capacity_factor >= 0, f"capacity_factor must be >= 0 (0 = no limit), got {self.capacity_factor}"),
+                 (self.position != "rope" or self.head_dim % 2 == 0,
+                  f"RoPE needs an even head_dim, got {self.head_dim}: change n_embd or n_head")]
+        rules += [(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} is not one of {allowed}")
+                  for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                                        ("mlp", ("gelu", "swiglu")))]
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(message)
 
     @property
     def head_dim(self) -> int:
@@ -124,7 +136,7 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------
-# Building blocks
+# The pieces of a block
 
 
 class RMSNorm(nn.Module):
@@ -200,7 +212,7 @@ class KVCache:
 
 class Attention(nn.Module):
     """Multi-head self-attention with grouped-query heads (n_kv_head <= n_head): causal, unless
-    an attn_mask says otherwise."""
+    an attn_mask says otherwise.  y = softmax(q k^T / sqrt(D)) v, per head."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -216,7 +228,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None):
         """attn_mask (B, 1, T, S) bool, True = may attend: given for left-padded batches
-        (see padded_attention_mask), or (B, 1, 1, S) from a Seq2Seq encoder (padding only);
+        (see padded_attention_mask), or (B, 1, 1, S) from an encoder (padding only);
         None = the plain causal mask."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
@@ -235,8 +247,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         p_drop = self.dropout if self.training else 0.0     # training never uses a KV cache
         if attn_mask is not None:
-            # left-padded batch: causal, and no query ever sees a padding key (the encoder
-            # of a Seq2Seq passes a padding-only mask: bidirectional)
+            # left-padded batch: causal, and no query ever sees a padding key (an encoder
+            # passes a padding-only mask: bidirectional)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa, dropout_p=p_drop)
         elif start == 0:
             # no cached past: the usual lower-triangular causal mask
@@ -252,6 +264,17 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)    # (B, T, C)
         return self.o_proj(y)
+
+
+def padded_attention_mask(pad_lengths: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """(B, 1, T, start+T) bool: query start+i of row b may see key j if j <= start+i (causal)
+    and j >= pad_lengths[b] (not padding). A padding query sees only itself, so no row of
+    the mask is empty (a softmax over nothing would be NaN)."""
+    q_pos = torch.arange(start, start + T, device=pad_lengths.device).view(1, T, 1)   # (1, T, 1)
+    k_pos = torch.arange(start + T, device=pad_lengths.device).view(1, 1, start + T)  # (1, 1, S)
+    pad = pad_lengths.view(-1, 1, 1)                                                  # (B, 1, 1)
+    mask = (k_pos <= q_pos) & ((k_pos >= pad) | (k_pos == q_pos))                   # (B, T, S)
+    return mask.unsqueeze(1)
 
 
 class FeedForward(nn.Module):
@@ -276,90 +299,8 @@ class FeedForward(nn.Module):
         return self.dropout(self.down_proj(h))
 
 
-class MoEFeedForward(nn.Module):
-    """Mixture of Experts: a router sends each token to its top_k experts (small feed-forwards).
-
-        p = softmax(W_router x)                      (E,)  one probability per expert
-        y = sum over the top_k experts e of  (p_e / sum of the top_k p) * expert_e(x)
-            + sum over the shared experts s of  expert_s(x)
-
-    Only top_k of the E experts run for a token, so the model has E/top_k times the
-    feed-forward parameters of a dense model with the same compute per token.
-
-    The load-balancing loss (Switch Transformer) is E * sum_e f_e * P_e, with f_e the
-    share of routed slots that went to expert e and P_e its mean router probability:
-    1.0 when routing is uniform, up to E / top_k when every token picks the same top_k experts
-    (E with top-1: one expert takes everything).
-    """
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.n_experts, self.top_k = config.n_experts, config.top_k
-        self.capacity_factor = config.capacity_factor
-        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(config, config.expert_hidden) for _ in range(config.n_experts))
-        self.shared_experts = nn.ModuleList(FeedForward(config, config.expert_hidden)
-                                            for _ in range(config.n_shared_experts))
-        self.aux_loss = torch.zeros(())          # of the last forward pass (part of the training loss)
-        self.reset_stats()
-
-    def reset_stats(self):
-        """Running totals for logging: routed slots per expert, aux loss, dropped tokens."""
-        self.stat_load = torch.zeros(self.n_experts)
-        self.stat_aux, self.stat_calls, self.stat_dropped, self.stat_slots = 0.0, 0, 0, 0
-
-    def route(self, x: torch.Tensor):
-        """x (N, C) -> top-k expert ids (N, k), their renormalised weights (N, k), router probs (N, E)."""
-        probs = self.router(x).float().softmax(dim=-1)                 # (N, E)
-        weights, experts = probs.topk(self.top_k, dim=-1)              # (N, k) each
-        weights = weights / weights.sum(dim=-1, keepdim=True)          # the chosen experts' weights sum to 1
-        return experts, weights, probs
-
-    def forward(self, x):
-        B, T, C = x.shape
-        flat = x.reshape(-1, C)                                         # (N, C), N = B*T tokens
-        experts, weights, probs = self.route(flat)
-        slot_expert = experts.reshape(-1)                               # (N*k,) the expert of each routed slot
-        slot_weight = weights.reshape(-1)                               # (N*k,)
-        slot_token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(self.top_k)  # (N*k,)
-
-        # group the slots by expert (a stable sort), then run each expert once on all of its tokens
-        order = torch.argsort(slot_expert, stable=True)
-        counts = torch.bincount(slot_expert, minlength=self.n_experts)     # (E,)
-        capacity = math.ceil(self.capacity_factor * slot_expert.numel() / self.n_experts) \
-            if self.capacity_factor > 0 else None
-        out = torch.zeros_like(flat)
-        dropped, start = 0, 0
-        for e, n in enumerate(counts.tolist()):                         # a loop over experts, never over tokens
-            slots = order[start:start + n]
-            start += n
-            if capacity is not None and n > capacity:                   # over capacity: the last ones are dropped
-                dropped += n - capacity
-                slots = slots[:capacity]
-            if slots.numel() == 0:
-                continue
-            tokens = slot_token[slots]
-            y = self.experts[e](flat[tokens]) * slot_weight[slots].unsqueeze(1).to(flat.dtype)   # (n, C)
-            out.index_add_(0, tokens, y.to(out.dtype))
-        for shared in self.shared_experts:
-            out = out + shared(flat)
-
-        # load balancing: fraction of slots per expert (f) times mean router probability (P)
-        f = counts.float() / slot_expert.numel()                         # (E,)
-        P = probs.mean(dim=0)                                           # (E,)
-        self.aux_loss = self.n_experts * (f * P).sum()
-        with torch.no_grad():                                          # for logging only
-            self.stat_load = self.stat_load.to(counts.device) + counts
-            self.stat_aux = self.stat_aux + self.aux_loss.detach()
-            self.stat_calls += 1
-            self.stat_dropped += dropped
-            self.stat_slots += slot_expert.numel()
-        return out.view(B, T, C)
-
-
-def make_feed_forward(config: ModelConfig) -> nn.Module:
-    """The one place a block's feed-forward is chosen: dense, or a Mixture of Experts."""
-    return MoEFeedForward(config) if config.n_experts else FeedForward(config)
+# ----------------------------------------------------------------------------------
+# The block and the model
 
 
 class Block(nn.Module):
@@ -370,17 +311,14 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer_idx)
         self.ffn_norm = make_norm(config)
-        self.ffn = make_feed_forward(config)
+        # the one place a block's feed-forward is chosen: dense, or a Mixture of Experts (below)
+        self.ffn = MoEFeedForward(config) if config.n_experts else FeedForward(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, kv_cache=None, attn_mask=None):
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache, attn_mask))
         x = x + self.ffn(self.ffn_norm(x))
         return x
-
-
-# ----------------------------------------------------------------------------------
-# The model
 
 
 class GPT(nn.Module):
@@ -426,26 +364,22 @@ class GPT(nn.Module):
             if hasattr(self, "pos_emb"):
                 n -= self.pos_emb.weight.numel()
         if active:
-            for moe in self.moe_layers():
+            for moe in moe_layers(self):
                 per_expert = sum(p.numel() for p in moe.experts[0].parameters())
                 n -= (moe.n_experts - moe.top_k) * per_expert
         return n
 
     def summary(self) -> str:
-        """A short, human-readable description of the architecture."""
+        """A one-line description of the architecture."""
         c = self.config
+        kind = f"Seq2Seq[{c.flavour}] {c.n_encoder_layer} encoder + {c.n_layer} decoder layers (cross-attention)" \
+            if c.n_encoder_layer else f"GPT[{c.flavour}] {c.n_layer} layers"
         attn = f"{c.n_head} heads" + (f" / {c.n_kv_head} kv heads (GQA)" if c.n_kv_head != c.n_head else "")
-        ffn = f"{c.mlp} ffn {c.ffn_hidden}"
-        if c.n_experts:
-            shared = f" + {c.n_shared_experts} shared" if c.n_shared_experts else ""
-            ffn = (f"MoE: top {c.top_k} of {c.n_experts} {c.mlp} experts{shared} of width {c.expert_hidden} "
-                   f"({self.num_params(active=True) / 1e6:.2f}M params active per token)")
-        kind, layers = "GPT", f"{c.n_layer} layers"
-        if c.n_encoder_layer:
-            kind, layers = "Seq2Seq", f"{c.n_encoder_layer} encoder + {c.n_layer} decoder layers (cross-attention)"
-        return (f"{kind}[{c.flavour}] {self.num_params() / 1e6:.2f}M params "
-                f"({self.num_params(non_embedding=True) / 1e6:.2f}M non-embedding): "
-                f"{layers} x {c.n_embd} wide, {attn}, head_dim {c.head_dim}, "
+        ffn = f"{c.mlp} ffn {c.ffn_hidden}" if not c.n_experts else (
+            f"MoE: top {c.top_k} of {c.n_experts} {c.mlp} experts" + f" + {c.n_shared_experts} shared" * bool(c.n_shared_experts)
+            + f" of width {c.expert_hidden} ({self.num_params(active=True) / 1e6:.2f}M params active per token)")
+        return (f"{kind} x {c.n_embd} wide, {self.num_params() / 1e6:.2f}M params "
+                f"({self.num_params(non_embedding=True) / 1e6:.2f}M non-embedding): {attn}, head_dim {c.head_dim}, "
                 f"{c.position} positions, {c.norm}, {ffn}, context {c.block_size}, vocab {c.vocab_size}"
                 f"{', tied embeddings' if c.tie_embeddings else ''}")
 
@@ -501,225 +435,178 @@ class GPT(nn.Module):
         if reduction == "none":
             loss = loss.view(targets.shape)
         elif self.training and self.config.n_experts:
-            loss = loss + self.config.aux_loss_coef * self.moe_aux_loss()   # keep the experts evenly loaded
+            loss = loss + self.config.aux_loss_coef * moe_aux_loss(self)   # keep the experts evenly loaded
         return logits, loss
-
-    # ------------------------------------------------------------------ Mixture of Experts
-
-    def moe_layers(self) -> list:
-        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
-
-    def moe_aux_loss(self) -> torch.Tensor:
-        """Mean load-balancing loss of the last forward pass over the MoE blocks (0 for a dense model)."""
-        layers = self.moe_layers()
-        return sum(m.aux_loss for m in layers) / len(layers) if layers else torch.zeros(())
-
-    def moe_stats(self, reset: bool = True) -> dict:
-        """Routing since the last reset: mean aux loss, share of routed slots per expert (all layers), dropped share."""
-        layers = self.moe_layers()
-        if not layers or not sum(m.stat_calls for m in layers):
-            return {}
-        load = sum(m.stat_load.float().cpu() for m in layers)
-        stats = {"moe_aux_loss": sum(float(m.stat_aux) / max(1, m.stat_calls) for m in layers) / len(layers),
-                 "expert_share": (load / load.sum()).tolist(),
-                 "dropped_share": sum(m.stat_dropped for m in layers) / max(1, sum(m.stat_slots for m in layers))}
-        if reset:
-            for m in layers:
-                m.reset_stats()
-        return stats
-
-    # ------------------------------------------------------------------ generation
 
     def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         p = next(self.parameters())
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
 
-    @torch.inference_mode()   # like no_grad, and less work per op; the yielded tokens are inference tensors
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
-                        pad_lengths: Optional[torch.Tensor] = None, **sampling) -> Iterator[torch.Tensor]:
-        """Yield new tokens (B,) one step at a time after the prompt idx (B, T).
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Continue the prompt idx (B, T) by max_new_tokens tokens -> (B, T + n).
 
-        With the cache: one forward over the prompt (prefill), then one token per step.
-        Without it: the whole sequence is recomputed every step (slow; for comparison).
-        pad_lengths (B,): prompts of different lengths, left-padded (see left_pad).
-        sampling: temperature, top_k, top_p, min_p, the penalties, stop_tokens, generator
-        (see decode_tokens). The loop ends when every row has produced a stop token, after
-        max_new_tokens, or at the end of the context.
+        The prompt goes through the model once (prefill), filling the KV cache; after that each
+        step feeds only the newest token, whose attention reads the cached keys and values of
+        everything before it. temperature 0 = greedy; top_k samples among the k likeliest tokens.
+        (engine.py has the full sampler: top-p, min-p, penalties, stop tokens, batches of prompts.)
         """
         B, T = idx.shape
         if T >= self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens does not fit the context of "
-                             f"{self.config.block_size} tokens: shorten it")
+            raise ValueError(f"prompt of {T} tokens does not fit the context of {self.config.block_size} tokens")
         max_new_tokens = min(max_new_tokens, self.config.block_size - T)
-        if pad_lengths is not None and not bool(pad_lengths.any()):
-            pad_lengths = None                       # nothing padded: the plain causal path
-        cache = self.new_kv_cache(B, T + max_new_tokens) if use_cache else None
-
-        def next_logits(sequence, step_input):
-            if use_cache:                            # only the new tokens: the cache holds the rest
-                logits, _ = self(step_input, kv_cache=cache, pad_lengths=pad_lengths, last_only=True)
-            else:
-                logits, _ = self(sequence, pad_lengths=pad_lengths, last_only=True)
-            return logits[:, -1, :]                                      # (B, V)
-        yield from decode_tokens(next_logits, idx, max_new_tokens, self.config.vocab_size,
-                                 seen_pad_lengths=pad_lengths, **sampling)
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Prompt (B, T) -> prompt plus generated tokens (B, T + n), an ordinary tensor (trainable on)."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
+        cache = self.new_kv_cache(B, T + max_new_tokens)
+        step_input = idx                                                 # the whole prompt first
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_input, kv_cache=cache, last_only=True)
+            step_input = sample(logits[:, -1, :], temperature, top_k, generator).unsqueeze(1)   # (B, 1)
+            idx = torch.cat([idx, step_input], dim=1)
+        return idx
 
 
-def decode_tokens(next_logits: Callable, start: torch.Tensor, max_new_tokens: int, vocab_size: int,
-                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                  presence_penalty: float = 0.0, stop_tokens: tuple = (), generator: Optional[torch.Generator] = None,
-                  seen_pad_lengths: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
-    """The sampling loop shared by every model: yield one new token per row (B,) per step.
-
-    next_logits(sequence, step_input) -> logits (B, V) for the next position, where
-    sequence (B, t) is everything so far and step_input (B, n) what is new since the
-    last call (the whole start first, then one token). The tokens of `start` (minus
-    left padding, seen_pad_lengths) count as already seen for the repetition penalty.
-    A row is done at its first stop token (its later tokens mean nothing).
-    """
-    B, T = start.shape
-    penalize = repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
-    if penalize:
-        real = torch.ones_like(start, dtype=torch.float32)           # (B, T): 1 = a real prompt token
-        if seen_pad_lengths is not None:
-            real = (torch.arange(T, device=start.device) >= seen_pad_lengths.view(B, 1)).float()
-        seen = torch.zeros(B, vocab_size, device=start.device).scatter_add_(1, start, real) > 0   # (B, V)
-        counts = torch.zeros(B, vocab_size, device=start.device)     # (B, V) times generated
-    finished = torch.zeros(B, dtype=torch.bool, device=start.device)
-    stop = torch.tensor(list(stop_tokens), dtype=start.dtype, device=start.device)
-    sequence = torch.empty(B, T + max_new_tokens, dtype=start.dtype, device=start.device)  # (B, T + n), filled as we go
-    sequence[:, :T] = start
-    step_input = start
-    for t in range(T, T + max_new_tokens):
-        logits = next_logits(sequence[:, :t], step_input)           # (B, V)
-        if penalize:
-            logits = apply_penalties(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
-        next_token = sample_next_token(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
-        yield next_token
-        if stop_tokens:
-            finished |= torch.isin(next_token, stop)
-            if finished.all():
-                return
-        sequence[:, t] = next_token
-        step_input = sequence[:, t:t + 1]                            # (B, 1)
-        if penalize:
-            seen.scatter_(1, step_input, True)
-            counts.scatter_add_(1, step_input, torch.ones_like(step_input, dtype=counts.dtype))
-
-
-def padded_attention_mask(pad_lengths: torch.Tensor, start: int, T: int) -> torch.Tensor:
-    """(B, 1, T, start+T) bool: query start+i of row b may see key j if j <= start+i (causal)
-    and j >= pad_lengths[b] (not padding). A padding query sees only itself, so no row of
-    the mask is empty (a softmax over nothing would be NaN)."""
-    q_pos = torch.arange(start, start + T, device=pad_lengths.device).view(1, T, 1)   # (1, T, 1)
-    k_pos = torch.arange(start + T, device=pad_lengths.device).view(1, 1, start + T)  # (1, 1, S)
-    pad = pad_lengths.view(-1, 1, 1)                                                  # (B, 1, 1)
-    mask = (k_pos <= q_pos) & ((k_pos >= pad) | (k_pos == q_pos))                   # (B, T, S)
-    return mask.unsqueeze(1)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists of different lengths -> idx (B, T_max) padded on the left with pad_id,
-    and pad_lengths (B,). Left, so that every row's next token lands in the same column."""
-    longest = max(len(s) for s in sequences)
-    idx = torch.tensor([[pad_id] * (longest - len(s)) + list(s) for s in sequences], device=device)
-    pad_lengths = torch.tensor([longest - len(s) for s in sequences], device=device)
-    return idx, pad_lengths
-
-
-def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, repetition_penalty: float = 1.0,
-                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> torch.Tensor:
-    """Discourage repeats in logits (B, V); seen (B, V) bool: in the prompt or generated; counts (B, V):
-    times generated so far.
-
-    repetition (CTRL paper, as in HF): a seen token's logit is divided by the penalty if
-    positive, multiplied if negative. frequency / presence (OpenAI): logit -= frequency * count
-    + presence * (count > 0).
-    """
-    logits = logits.float()
-    if repetition_penalty != 1.0:
-        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    if frequency_penalty != 0.0 or presence_penalty != 0.0:
-        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).float()
-    return logits
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                      min_p: Optional[float] = None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V).
-
-    temperature 0 -> argmax (greedy). Otherwise p = softmax(logits / temperature), keeping only
-    the top_k most likely tokens, the smallest set whose probability reaches top_p, and the
-    tokens with p >= min_p * max(p); then one draw from what is left.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of logits (B, V): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k likeliest tokens."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]       # (B, 1)
+    if top_k:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]   # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the best one always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)                                        # (B, V)
-    if min_p is not None and min_p > 0:
-        # p < min_p * p_max is dropped: a cut-off that follows how confident the model is
-        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
-# ----------------------------------------------------------------------------------
-# Encoder-decoder (Seq2Seq): the same blocks, plus an encoder that reads the whole source
+# ==================================================================================
+# Optional: Mixture of Experts (ModelConfig.n_experts > 0)
+# ==================================================================================
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of Experts: a router sends each token to its top_k experts (small feed-forwards).
+
+        p = softmax(W_router x)                      (E,)  one probability per expert
+        y = sum over the top_k experts e of  (p_e / sum of the top_k p) * expert_e(x)
+            + sum over the shared experts s of  expert_s(x)
+
+    Only top_k of the E experts run for a token, so the model has E/top_k times the
+    feed-forward parameters of a dense model with the same compute per token.
+
+    The load-balancing loss (Switch Transformer) is E * sum_e f_e * P_e, with f_e the
+    share of routed slots that went to expert e and P_e its mean router probability:
+    1.0 when routing is uniform, up to E / top_k when every token picks the same top_k experts
+    (E with top-1: one expert takes everything).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config, config.expert_hidden) for _ in range(config.n_experts))
+        self.shared_experts = nn.ModuleList(FeedForward(config, config.expert_hidden)
+                                            for _ in range(config.n_shared_experts))
+        # of the last forward pass: the balance loss (part of the training loss), and for the
+        # training log, the routed slots per expert (E,) and how many went over capacity
+        self.aux_loss, self.load, self.dropped = torch.zeros(()), torch.zeros(config.n_experts), 0
+
+    def route(self, x: torch.Tensor):
+        """x (N, C) -> top-k expert ids (N, k), their renormalised weights (N, k), router probs (N, E)."""
+        probs = self.router(x).float().softmax(dim=-1)                 # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)              # (N, k) each
+        weights = weights / weights.sum(dim=-1, keepdim=True)          # the chosen experts' weights sum to 1
+        return experts, weights, probs
+
+    def forward(self, x):
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)                                         # (N, C), N = B*T tokens
+        experts, weights, probs = self.route(flat)
+        slot_expert = experts.reshape(-1)                               # (N*k,) the expert of each routed slot
+        slot_weight = weights.reshape(-1)                               # (N*k,)
+        slot_token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(self.top_k)  # (N*k,)
+
+        # group the slots by expert (a stable sort), then run each expert once on all of its tokens
+        order = torch.argsort(slot_expert, stable=True)
+        counts = torch.bincount(slot_expert, minlength=self.n_experts)     # (E,)
+        capacity = math.ceil(self.capacity_factor * slot_expert.numel() / self.n_experts) \
+            if self.capacity_factor > 0 else None
+        out = torch.zeros_like(flat)
+        dropped, start = 0, 0
+        for e, n in enumerate(counts.tolist()):                         # a loop over experts, never over tokens
+            slots = order[start:start + n]
+            start += n
+            if capacity is not None and n > capacity:                   # over capacity: the last ones are dropped
+                dropped += n - capacity
+                slots = slots[:capacity]
+            if slots.numel() == 0:
+                continue
+            tokens = slot_token[slots]
+            y = self.experts[e](flat[tokens]) * slot_weight[slots].unsqueeze(1).to(flat.dtype)   # (n, C)
+            out.index_add_(0, tokens, y.to(out.dtype))
+        for shared in self.shared_experts:
+            out = out + shared(flat)
+
+        # load balancing: fraction of slots per expert (f) times mean router probability (P)
+        f = counts.float() / slot_expert.numel()                         # (E,)
+        P = probs.mean(dim=0)                                           # (E,)
+        self.aux_loss = self.n_experts * (f * P).sum()
+        self.load, self.dropped = counts.detach(), dropped
+        return out.view(B, T, C)
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Mean load-balancing loss of the last forward pass over the MoE blocks (0 for a dense model)."""
+    layers = moe_layers(model)
+    return sum(m.aux_loss for m in layers) / len(layers) if layers else torch.zeros(())
+
+
+# ==================================================================================
+# Optional: encoder-decoder (ModelConfig.n_encoder_layer > 0): the same blocks, plus an
+# encoder that reads the whole source, and cross-attention from the decoder to it
+# ==================================================================================
+
+
+@dataclass
+class EncodedSource:
+    """What every decoder step needs of the source, computed once per source by Seq2Seq.encode_source."""
+    cross_kv: list            # per decoder block: the source's keys and values (B, Hkv, S, D) each
+    mask: torch.Tensor        # (B, 1, 1, S) bool, True = a real source token (not padding)
+    lengths: torch.Tensor     # (B,) real source tokens per row
 
 
 class CrossAttention(Attention):
-    """The decoder's queries attend to the encoder's output, the memory: q from x, k and v from memory.
+    """The decoder's queries attend to the encoded source: q from x, k and v from the source.
 
     No causal mask (the whole source is known); padding in the source is masked out.
     With RoPE, the keys are rotated by their source positions and the queries as if the
     answer came right after the source (position source_length + t), so cross-attention
     sees the same relative distances as a decoder-only model attending to its prompt.
-    During generation the memory's keys and values are computed once and reused.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, layer_idx=-1)       # the same projections; no KV cache of its own
 
-    def memory_kv(self, memory: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory (B, S, C) -> keys and values (B, Hkv, S, D), computed once per source."""
-        B, S, _ = memory.shape
-        k = self.k_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, S, D)
-        v = self.v_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+    def source_kv(self, encoded: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """encoded source (B, S, C) -> keys and values (B, Hkv, S, D), computed once per source."""
+        B, S, _ = encoded.shape
+        k = self.k_proj(encoded).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, S, D)
+        v = self.v_proj(encoded).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             k = apply_rope(k, *rope)
         return k, v
 
-    def forward(self, x, memory_kv, source_mask, rope=None):
+    def forward(self, x, source_kv, source_mask, rope=None):
         """x (B, T, C); source_mask (B, 1, 1, S) bool, True = a real source token."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
         if rope is not None:
             q = apply_rope(q, *rope)
-        k, v = memory_kv
+        k, v = source_kv
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask, enable_gqa=self.n_kv_head != self.n_head,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -728,7 +615,7 @@ class CrossAttention(Attention):
 class DecoderBlock(Block):
     """A decoder-only block with cross-attention between self-attention and the feed-forward:
 
-        x + self_attn(norm(x))  ->  x + cross_attn(norm(x), memory)  ->  x + ffn(norm(x))
+        x + self_attn(norm(x))  ->  x + cross_attn(norm(x), source)  ->  x + ffn(norm(x))
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -736,25 +623,23 @@ class DecoderBlock(Block):
         self.cross_norm = make_norm(config)
         self.cross_attn = CrossAttention(config)
 
-    def forward(self, x, rope=None, kv_cache=None, memory=None, cross_rope=None):
-        memory_kv, source_mask = memory
+    def forward(self, x, rope=None, kv_cache=None, source_kv=None, source_mask=None, cross_rope=None):
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache))
-        x = x + self.resid_dropout(self.cross_attn(self.cross_norm(x), memory_kv, source_mask, cross_rope))
+        x = x + self.resid_dropout(self.cross_attn(self.cross_norm(x), source_kv, source_mask, cross_rope))
         x = x + self.ffn(self.ffn_norm(x))
         return x
 
 
 class Seq2Seq(GPT):
-    """Encoder-decoder Transformer (ModelConfig.n_encoder_layer > 0), e.g. for a dialogue model:
+    """Encoder-decoder Transformer, e.g. for a dialogue model:
 
-        source (B, S) -> encoder: n_encoder_layer blocks, every token sees every other -> memory (B, S, C)
+        source (B, S) -> encoder: n_encoder_layer blocks, every token sees every other -> encoded (B, S, C)
         target (B, T) -> decoder: n_layer blocks, causal self-attention + cross-attention to
-                         the memory + feed-forward -> logits (B, T, V)
+                         the encoded source + feed-forward -> logits (B, T, V)
 
     The decoder reads [decoder_start_id, y1, ..., y_{T-1}] and learns to predict [y1, ..., yT].
     One token embedding serves the encoder, the decoder and (tied) the output head. Weight
-    init, parameter counts, the MoE helpers and the KV cache (decoder self-attention only)
-    come from GPT; encoding, forward and generation are its own.
+    init, parameter counts and the KV cache (decoder self-attention only) come from GPT.
     """
 
     def __init__(self, config: ModelConfig):
@@ -777,7 +662,7 @@ class Seq2Seq(GPT):
         return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
 
     def encode(self, src: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None):
-        """src (B, S), left-padded by pad_lengths (B,) -> memory (B, S, C), source_mask (B, 1, 1, S),
+        """src (B, S), left-padded by pad_lengths (B,) -> encoded (B, S, C), source_mask (B, 1, 1, S),
         source positions (B, S) (counted from each row's first real token)."""
         B, S = src.shape
         if S > self.config.block_size:
@@ -794,22 +679,23 @@ class Seq2Seq(GPT):
             x = block(x, self.rope_at(positions), None, source_mask)   # a mask and no cache: bidirectional
         return self.encoder_norm(x), source_mask, positions
 
-    def cross_memory(self, src: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None):
-        """Encode src, then what every decoder step needs of it: each block's cross-attention keys
-        and values, the source mask, and the source lengths (B,). The encoder runs once per source."""
-        memory, source_mask, positions = self.encode(src, pad_lengths)
+    def encode_source(self, src: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None) -> EncodedSource:
+        """Run the encoder once, then compute what every decoder step needs: each block's
+        cross-attention keys and values, the source mask and the source lengths."""
+        encoded, source_mask, positions = self.encode(src, pad_lengths)
         rope = self.rope_at(positions)
-        kv = [block.cross_attn.memory_kv(memory, rope) for block in self.blocks]
-        return kv, source_mask, source_mask.sum(dim=-1).view(-1)                     # lengths (B,)
+        kv = [block.cross_attn.source_kv(encoded, rope) for block in self.blocks]
+        return EncodedSource(kv, source_mask, source_mask.sum(dim=-1).view(-1))
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                pad_lengths: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                memory=None, reduction: str = "mean", last_only: bool = False):
-        """src (B, S) source ids, tgt (B, T) decoder inputs -> logits (B, T, V) and the loss on targets (B, T).
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                source: Optional[EncodedSource] = None, reduction: str = "mean", last_only: bool = False):
+        """src (B, S) source ids (left-padded by pad_lengths), tgt (B, T) decoder inputs ->
+        logits (B, T, V) and the loss on targets (B, T).
 
-        memory: cross_memory(src) computed before (generation passes it, so the encoder runs once).
+        source: encode_source(src) computed before (generation passes it, so the encoder runs once).
         """
-        memory_kv, source_mask, source_lengths = memory if memory is not None else self.cross_memory(src, pad_lengths)
+        source = source if source is not None else self.encode_source(src, pad_lengths)
         B, T = tgt.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -820,9 +706,9 @@ class Seq2Seq(GPT):
         if self.config.position == "learned":
             x = x + self.pos_emb(positions)
         x = self.drop(x)
-        rope, cross_rope = self.rope_at(positions), self.rope_at(source_lengths.view(B, 1) + positions)
-        for block, kv in zip(self.blocks, memory_kv):
-            x = block(x, rope, kv_cache, (kv, source_mask), cross_rope)
+        rope, cross_rope = self.rope_at(positions), self.rope_at(source.lengths.view(B, 1) + positions)
+        for block, kv in zip(self.blocks, source.cross_kv):
+            x = block(x, rope, kv_cache, kv, source.mask, cross_rope)
         if kv_cache is not None:
             kv_cache.pos += T
         if last_only:
@@ -830,109 +716,27 @@ class Seq2Seq(GPT):
         return self.head_and_loss(x, targets, reduction)
 
     @torch.no_grad()
-    def generate_stream(self, src: torch.Tensor, max_new_tokens: int, pad_lengths: Optional[torch.Tensor] = None,
-                        use_cache: bool = True, **sampling) -> Iterator[torch.Tensor]:
-        """Yield new decoder tokens (B,) one step at a time for the source src (B, S).
+    def generate(self, src: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 pad_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Source (B, S) -> the decoder's tokens (B, n) (the source is not repeated).
 
-        The encoder runs once; the decoder starts from decoder_start_id and, with the
-        cache, processes one new token per step. Sampling options as for GPT.generate_stream.
+        The encoder runs once; the decoder starts from decoder_start_id and, with its KV cache,
+        processes one new token per step.
         """
         B = src.shape[0]
-        memory = self.cross_memory(src, pad_lengths)
-        start = torch.full((B, 1), self.config.decoder_start_id, dtype=src.dtype, device=src.device)
+        source = self.encode_source(src, pad_lengths)
         max_new_tokens = min(max_new_tokens, self.config.block_size - 1)
-        cache = self.new_kv_cache(B, 1 + max_new_tokens) if use_cache else None
-
-        def next_logits(decoded, step_input):
-            logits, _ = self(src, step_input if use_cache else decoded, kv_cache=cache, memory=memory, last_only=True)
-            return logits[:, -1, :]                                                  # (B, V)
-        # the repetition penalty looks at the answer only, not at the start token (as in HF)
-        yield from decode_tokens(next_logits, start, max_new_tokens, self.config.vocab_size,
-                                 seen_pad_lengths=torch.ones(B, dtype=torch.long, device=src.device), **sampling)
-
-    @torch.no_grad()
-    def generate(self, src: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Source (B, S) -> the generated decoder tokens (B, n) (the source is not repeated)."""
-        new = list(self.generate_stream(src, max_new_tokens, **kwargs))
-        return torch.stack(new, dim=1) if new else src.new_zeros((src.shape[0], 0))
+        cache = self.new_kv_cache(B, 1 + max_new_tokens)
+        step_input = torch.full((B, 1), self.config.decoder_start_id, dtype=src.dtype, device=src.device)
+        new = []
+        for _ in range(max_new_tokens):
+            logits, _ = self(src, step_input, kv_cache=cache, source=source, last_only=True)
+            step_input = sample(logits[:, -1, :], temperature, top_k, generator).unsqueeze(1)   # (B, 1)
+            new.append(step_input)
+        return torch.cat(new, dim=1) if new else src.new_zeros((B, 0))
 
 
 def build_model(config: ModelConfig) -> GPT:
     """The network a config describes: decoder-only GPT, or Seq2Seq when n_encoder_layer > 0."""
     return Seq2Seq(config) if config.n_encoder_layer else GPT(config)
-
-
-# ----------------------------------------------------------------------------------
-# LoRA: low-rank adapters beside frozen linear layers (used by lora.py and inference.py)
-
-
-class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x, with W frozen and only A (r, in) and B (out, r) trained.
-
-    B starts at zero, so before training the layer computes exactly W x. merge() folds
-    the update into W (no extra cost at inference); unmerge() takes it out again.
-    """
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.base.weight.requires_grad_(False)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(False)
-        self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        self.merged = False
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.merged:
-            return y
-        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling      # (..., out)
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight += (self.lora_B @ self.lora_A) * self.scaling   # (out, in)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= (self.lora_B @ self.lora_A) * self.scaling
-            self.merged = False
-
-
-def add_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float) -> list[str]:
-    """Freeze every weight, then wrap each nn.Linear whose name ends with one of target_modules
-    (e.g. "q_proj", "v_proj") in a LoRALinear. Returns the wrapped names."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in target_modules):
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
-                wrapped.append(full)
-    if not wrapped:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"--target_modules {target_modules} matched no linear layer; choose from {names}")
-    return wrapped
-
-
-def lora_state_dict(model: nn.Module) -> dict:
-    """Only the adapter: the lora_A / lora_B tensors (a few % of the model)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain nn.Linear layers back."""
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                child.merge()
-                setattr(module, child_name, child.base)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model

@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import ADAPTER_FILE, RESUME_FILE, ROOT, WEIGHTS_FILE, arg, atomic_write_text, main_guard, parse_config
+from atomic import atomic_write_text
+from flags import arg, main_guard, parse_config
+from weight.checkpoint import ADAPTER_FILE, RESUME_FILE, ROOT, WEIGHTS_FILE
 
 # stage -> (command, output folder); each stage reads the previous stage's folder by default
 STAGES = {

@@ -10,7 +10,8 @@ pretrain.py -- teach a Transformer to predict the next token of plain text.
     python pretrain.py --n_encoder_layer 2 --n_layer 2 --out_dir weight/pretrain_s2s   # encoder-decoder
 
 Steps: build the corpus and tokenizer if missing -> tokenize once into .bin files ->
-train on random windows -> evaluate bits per byte on held-out text -> weight/pretrain/.
+train on random windows: the loss is the cross-entropy of every next token ->
+evaluate bits per byte on held-out text -> weight/pretrain/.
 
 Bits per byte (bpb) = total cross-entropy in bits / number of UTF-8 bytes predicted.
 Unlike loss per token, it does not depend on the tokenizer, so any two runs compare.
@@ -21,68 +22,46 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from data.corpus import build_default_corpus
-from data.pretrain_data import MixedBatches, TokenBin, check_data_file, prepare_dataset, read_documents, token_dtype
+from data.pretrain_data import MixedBatches, TokenBin, objective_batches, prepare_pretraining_data
+from flags import arg, explicit_flags, main_guard, parse_config
 from model import ModelConfig, build_model
-from tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, train_tokenizer_on_files
-from training import (ROOT, TrainConfig, arg, check_tokenizer_matches, check_train_config, load_checkpoint,
-                      main_guard, parse_config, run_training, setup_runtime, write_metrics)
-
-DEFAULT_CORPUS_DIR = ROOT / "data" / "default"
+from runtime import finish, setup_runtime
+from tokenizer import DEFAULT_TOKENIZER_PATH
+from training import TrainConfig, check_train_config, run_training, write_metrics
+from weight.checkpoint import ROOT, check_tokenizer_matches, load_checkpoint
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    # data and tokenizer
+    # data and tokenizer (the model's flags are model.ModelConfig's: --n_layer, --n_embd, ...)
     data: tuple = arg((), "text files to train on (.txt, or .jsonl with {\"text\": ...}); "
                           "empty = the default Shakespeare + Chinese poetry corpus", nargs="*", type=str)
     tokenizer: str = arg(str(DEFAULT_TOKENIZER_PATH.relative_to(ROOT)),
                          "tokenizer file; trained on the training text if it does not exist")
-    vocab_size: int = arg(4096, "vocabulary size when a new tokenizer is trained")
+    vocab_size: int = arg(4096, "vocabulary size when a new tokenizer is trained (the model takes the tokenizer's)")
     zh_share: float = arg(0.2, "default corpus: share of each batch taken from the Chinese text "
                                 "(its natural share is about a third; less leaves more for English)")
     cache_dir: str = arg("data/cache", "where tokenized user data (--data) is cached")
-    # model (see model.ModelConfig)
-    flavour: str = arg("llama", "gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU)",
-                       choices=["gpt2", "llama"])
-    n_layer: int = arg(4, "Transformer blocks")
-    n_head: int = arg(4, "attention heads")
-    n_kv_head: int = arg(0, "key/value heads for grouped-query attention (0 = n_head)")
-    n_embd: int = arg(192, "embedding width")
-    block_size: int = arg(256, "context length in tokens")
-    dropout: float = arg(0.0, "dropout probability")
-    # Mixture of Experts (see model.MoEFeedForward); 0 experts = the dense feed-forward
-    n_experts: int = arg(0, "routed experts per block (0 = a dense feed-forward)")
-    top_k: int = arg(2, "experts each token is sent to")
-    n_shared_experts: int = arg(0, "experts every token always uses")
-    expert_hidden: int = arg(0, "width of one expert (0 = ffn width / (top_k + shared): equal active parameters)")
-    aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
-    capacity_factor: float = arg(0.0, "an expert takes at most this x its fair share of tokens (0 = no limit)")
-    # encoder-decoder (see model.Seq2Seq)
-    n_encoder_layer: int = arg(0, "> 0: an encoder-decoder model with this many encoder blocks (and n_layer "
-                                  "decoder blocks); 0 = decoder-only")
     objective: str = arg("auto", "next_token: predict every next token (decoder-only); next_span: the encoder reads "
                                  "the first half of a window, the decoder writes the second half (encoder-decoder); "
                                  "auto: the one that fits the model", choices=["auto", "next_token", "next_span"])
-    # training (defaults chosen for a 2-core CPU and a ~5 minute run)
-    out_dir: str = arg("weight/pretrain", "output folder")
-    max_steps: int = arg(600, "optimizer steps (at most: the time budget usually ends the run first)")
-    time_budget: float = arg(210.0, "seconds of training steps; the schedule follows the clock "
-                                    "(0 = off: exactly max_steps, reproducible)")
-    optimizer: str = arg("muon", "muon (Muon for the blocks' matrices, AdamW for the rest) or adamw",
-                         choices=["adamw", "muon"])
-    batch_size: int = arg(16, "sequences per micro-batch")
-    lr: float = arg(3e-3, "peak learning rate")
-    min_lr: float = arg(3e-4, "final learning rate")
-    warmup_steps: int = arg(30, "linear warmup steps")
-    eval_interval: int = arg(130, "evaluate and checkpoint every N steps")
-    eval_tokens: int = arg(16384, "tokens per validation split in periodic evals")
     sample_tokens: int = arg(60, "tokens of sample text printed at the end (0 = none)")
+    # the shared training flags, with this stage's defaults (chosen for a 2-core CPU and a ~5 minute run)
+    out_dir: str = "weight/pretrain"
+    max_steps: int = 600
+    time_budget: float = 210.0
+    optimizer: str = "muon"
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    eval_interval: int = 130
+    eval_tokens: int = 16384
 
 
 PRESETS = {
@@ -101,81 +80,6 @@ PRESETS = {
 }
 
 
-def model_config(cfg: PretrainConfig, vocab_size: int, start_id: int = 0) -> ModelConfig:
-    """The model the flags describe (ModelConfig checks it: one clear line if impossible)."""
-    return ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                       n_encoder_layer=cfg.n_encoder_layer, decoder_start_id=start_id if cfg.n_encoder_layer else 0,
-                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or None, n_embd=cfg.n_embd,
-                       flavour=cfg.flavour, dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k,
-                       n_shared_experts=cfg.n_shared_experts, expert_hidden=cfg.expert_hidden or None,
-                       aux_loss_coef=cfg.aux_loss_coef, capacity_factor=cfg.capacity_factor)
-
-
-def check_objective(objective: str, config: ModelConfig) -> str:
-    """The objective to train with: next_token for a decoder-only model, next_span for an encoder-decoder one."""
-    fits = "next_span" if config.n_encoder_layer else "next_token"
-    if objective not in ("auto", fits):
-        kind = "an encoder-decoder" if config.n_encoder_layer else "a decoder-only"
-        raise ValueError(f"--objective {objective} does not fit {kind} model: use --objective {fits} "
-                         f"(or --n_encoder_layer {'0' if config.n_encoder_layer else 'N'} for the other kind)")
-    return fits
-
-
-def as_next_span(x: torch.Tensor, y: torch.Tensor, start_id: int):
-    """Windows (x, y = x shifted by one), (B, T) each -> (source, decoder input, targets) for next_span:
-    the encoder reads the first half of each window, the decoder writes the second half."""
-    window = torch.cat([x[:, :1], y], dim=1)                      # (B, T+1) the whole window
-    half = window.shape[1] // 2
-    source, targets = window[:, :half], window[:, half:]          # (B, h), (B, T+1-h)
-    decoder_input = torch.cat([torch.full_like(targets[:, :1], start_id), targets[:, :-1]], dim=1)
-    return source, decoder_input, targets
-
-
-def note_checkpoint_config_wins(cfg: PretrainConfig, loaded: ModelConfig, argv=None):
-    """--init_from rebuilds the model its checkpoint describes; say so for any model flag that disagrees."""
-    given = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-    for name in sorted(given & {f.name for f in fields(ModelConfig)}):
-        if getattr(cfg, name) != getattr(loaded, name):
-            print(f"note: --{name} {getattr(cfg, name)} is ignored: {cfg.init_from} has {name}={getattr(loaded, name)} "
-                  f"and its config.json decides the architecture")
-
-
-def prepare_data(cfg: PretrainConfig, verbose: bool):
-    """Corpus -> tokenizer -> token .bin files.
-
-    Returns (tokenizer, folder of .bin files, training split names, validation split names).
-    """
-    if cfg.data:
-        splits, cache_root, user_files = {"train": [Path(p) for p in cfg.data]}, None, True
-        for path in splits["train"]:
-            check_data_file(path)          # before a tokenizer is trained on them
-    else:
-        splits, cache_root, user_files = build_default_corpus(DEFAULT_CORPUS_DIR, verbose), DEFAULT_CORPUS_DIR, False
-    tok_path = Path(cfg.tokenizer)
-    if not tok_path.is_absolute():
-        tok_path = ROOT / tok_path
-    if not tok_path.exists():
-        if verbose:
-            print(f"tokenizer: {tok_path} missing, training a {cfg.vocab_size}-token BPE on the training text")
-        train_files = [p for name, paths in splits.items() if name.startswith("train") for p in paths]
-        if user_files:   # only the training part of each file: validation text stays unseen
-            texts = (doc for path in train_files for doc in read_documents(path, "train"))
-            tokenizer = Tokenizer.from_texts(texts, cfg.vocab_size)
-            tokenizer.save(tok_path)
-        else:
-            tokenizer = train_tokenizer_on_files(train_files, cfg.vocab_size, tok_path)
-    else:
-        tokenizer = Tokenizer.load(tok_path)
-    if user_files:  # one cache folder per set of user files
-        import hashlib
-        key = hashlib.sha256("\n".join(sorted(str(Path(p).resolve()) for p in cfg.data)).encode()).hexdigest()[:12]
-        cache_root = ROOT / cfg.cache_dir / key
-    bin_dir = prepare_dataset(splits, tokenizer, cache_root / "tokens", user_files=user_files)
-    if user_files:
-        return tokenizer, bin_dir, ["train"], ["val"]
-    return tokenizer, bin_dir, [s for s in splits if s.startswith("train")], [s for s in splits if s.startswith("val")]
-
-
 def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Tensor, block_size: int,
                             batch_size: int, device: torch.device, to_batch=lambda x, y: (x, y)):
     """evaluate(model, max_tokens) -> val_loss (nats/token) and bpb, overall and per split.
@@ -192,13 +96,12 @@ def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Te
         metrics = {}
         for name, data in val_bins.items():
             nats = n_tokens = n_bytes = 0
-            for x, y in data.eval_batches(batch_size, block_size, max_tokens):
-                batch = [t.to(device) for t in to_batch(x, y)]
-                y = batch[-1]                                     # the targets
-                _, loss = model(*batch, reduction="none")        # (b, T) nats per position
+            for x, y in data.eval_batches(batch_size, block_size, max_tokens or None):
+                *inputs, targets = [t.to(device) for t in to_batch(x, y)]
+                _, loss = model(*inputs, targets=targets, reduction="none")   # (b, T) nats per position
                 nats += loss.float().sum().item()
-                n_tokens += y.numel()
-                n_bytes += token_bytes[y].sum().item()
+                n_tokens += targets.numel()
+                n_bytes += token_bytes[targets].sum().item()
             suffix = name[len("val"):]                            # "", "_en", "_zh"
             metrics[f"val_loss{suffix}"] = nats / n_tokens
             metrics[f"val_bpb{suffix}"] = nats / math.log(2) / max(n_bytes, 1)
@@ -213,50 +116,44 @@ def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Te
 
 def main(argv=None):
     started = time.time()
-    cfg = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS)
+    cfg, model_flags = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS,
+                                    model_flags=True)
     check_train_config(cfg)        # bad flags fail now, not after minutes of data preparation
     if not cfg.init_from:
-        check_objective(cfg.objective, model_config(cfg, cfg.vocab_size))
+        objective_batches(cfg.objective, ModelConfig(**model_flags))
     rt = setup_runtime(cfg)
 
     # 1. data: the main process builds what is missing, the others then find it cached
-    if rt.is_main:
-        tokenizer, bin_dir, train_splits, val_splits = prepare_data(cfg, verbose=True)
-    if rt.distributed:
-        torch.distributed.barrier()
-    if not rt.is_main:
-        tokenizer, bin_dir, train_splits, val_splits = prepare_data(cfg, verbose=False)
-    dtype = token_dtype(tokenizer.vocab_size)
-    train_bins = {name: TokenBin(bin_dir / f"{name}.bin", dtype) for name in train_splits}
+    tokenizer, train_bins, val_bins = rt.main_first(
+        lambda: prepare_pretraining_data(cfg.data, cfg.tokenizer, cfg.vocab_size, cfg.cache_dir, verbose=rt.is_main))
     if len(train_bins) == 1:
         train_data = next(iter(train_bins.values()))
     else:  # the default corpus: English and Chinese mixed in every batch
         if not 0 <= cfg.zh_share < 1:
             raise ValueError(f"--zh_share {cfg.zh_share}: must be in [0, 1)")
         train_data = MixedBatches(train_bins, {"train_en": 1 - cfg.zh_share, "train_zh": cfg.zh_share})
-    val_bins = {name: TokenBin(bin_dir / f"{name}.bin", dtype) for name in val_splits}
 
-    # 2. model: fresh, or continued from a checkpoint
+    # 2. model: fresh, or continued from a checkpoint (whose config.json decides the architecture)
     if cfg.init_from:
         model, ckpt_config = load_checkpoint(cfg.init_from)
         check_tokenizer_matches(ckpt_config, tokenizer, cfg.init_from)
-        note_checkpoint_config_wins(cfg, model.config, argv)
+        for name in sorted(explicit_flags(argv if argv is not None else sys.argv[1:]) & set(model_flags)):
+            if model_flags[name] != getattr(model.config, name):
+                print(f"note: --{name} {model_flags[name]} is ignored: {cfg.init_from} has "
+                      f"{name}={getattr(model.config, name)} and its config.json decides the architecture")
     else:
-        model = build_model(model_config(cfg, tokenizer.vocab_size, start_id=tokenizer.eot_id))
-    objective = check_objective(cfg.objective, model.config)
+        model = build_model(ModelConfig(**model_flags, vocab_size=tokenizer.vocab_size,
+                                        decoder_start_id=tokenizer.eot_id if model_flags["n_encoder_layer"] else 0))
+    to_batch = objective_batches(cfg.objective, model.config)   # next_token, or next_span for an encoder-decoder
+    block_size = model.config.block_size
     if rt.is_main:
         print(model.summary())
         print("data: " + ", ".join(f"{n} {len(b):,}" for n, b in train_bins.items()) + " training tokens, "
               + ", ".join(f"{n} {len(b):,}" for n, b in val_bins.items())
-              + f"; {cfg.batch_size * cfg.grad_accum * rt.world_size * model.config.block_size:,} tokens per step"
+              + f"; {cfg.batch_size * cfg.grad_accum * rt.world_size * block_size:,} tokens per step"
               + f" on {rt.device} ({str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es))")
 
-    # 3. train
-    block_size = model.config.block_size
-
-    to_batch = (lambda x, y: (x, y)) if objective == "next_token" else \
-        (lambda x, y: as_next_span(x, y, model.config.decoder_start_id))
-
+    # 3. train: random windows of the text, every token predicting the next one (x, y = x shifted by one)
     def next_batch(generator):
         return to_batch(*train_data.random_batch(cfg.batch_size, block_size, generator))
 
@@ -285,14 +182,11 @@ def main(argv=None):
               f"({metrics['tokens_per_second']:,.0f} tok/s) -> {cfg.out_dir}/")
         if cfg.sample_tokens:
             prompt = torch.tensor([tokenizer.encode_ordinary("\n")], device=rt.device)
-            new = best.generate_stream(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
-                                       generator=torch.Generator(device=rt.device).manual_seed(cfg.seed))
-            print("sample:\n" + tokenizer.decode([t.item() for t in new]).strip())
-    if rt.distributed:
-        # shut down together: a process that tears its connections down while another still
-        # holds them open can abort at exit (seen once with gloo on CPU)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+            out = best.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
+                                generator=torch.Generator(device=rt.device).manual_seed(cfg.seed))
+            new = out if model.config.n_encoder_layer else out[:, prompt.shape[1]:]   # a decoder-only model repeats the prompt
+            print("sample:\n" + tokenizer.decode(new[0].tolist()).strip())
+    finish(rt)
 
 
 if __name__ == "__main__":

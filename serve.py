@@ -45,8 +45,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from engine import Delta, Engine, LoadConfig, SamplingParams
+from flags import arg, main_guard, parse_config
 from tokenizer.chat import check_messages
-from training import ROOT, arg, main_guard, parse_config
+from weight.checkpoint import ROOT
 
 WEB_PAGE = ROOT / "web" / "index.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 import torch  # noqa: E402
 
 from machine import machine_info, timed  # noqa: E402  (bench/machine.py)
+from engine import generate as engine_generate  # noqa: E402  (the full sampler; model.generate is the short one)
 from model import GPT, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "inference.json"
@@ -105,7 +106,7 @@ def load_model(args: BenchArgs) -> GPT:
     """The trained checkpoint (--ckpt), or the default-size model with random weights."""
     torch.manual_seed(args.seed)
     if args.ckpt:
-        from training import load_checkpoint
+        from weight.checkpoint import load_checkpoint
         model, _ = load_checkpoint(args.ckpt)
     else:
         model = GPT(ModelConfig(flavour="llama", vocab_size=args.vocab_size, block_size=args.block_size,
@@ -193,7 +194,7 @@ def bench_decode(model: GPT, args: BenchArgs) -> list[dict]:
         if args.prompt_len + n > model.config.block_size:
             print(f"decode: {n} new tokens do not fit the context of {model.config.block_size}: skipped")
             continue
-        tok_s, same = race({cache: (lambda cache=cache: model.generate(prompt, n, temperature=0, use_cache=cache))
+        tok_s, same = race({cache: (lambda cache=cache: engine_generate(model, prompt, n, temperature=0, use_cache=cache))
                             for cache in (True, False)}, n, args)
         row = dict(new_tokens=n, cache_tok_s=tok_s[True], recompute_tok_s=tok_s[False], identical=same)
         row["speedup"] = round(row["cache_tok_s"] / row["recompute_tok_s"], 2)
@@ -245,7 +246,7 @@ def bench_prefill(model: GPT, args: BenchArgs) -> list[dict]:
             model(prompt, kv_cache=model.new_kv_cache(1, length + 1), last_only=True)
 
         def first_token():      # what a user waits for: prefill + picking the first token
-            next(iter(model.generate_stream(prompt, 1, temperature=0)))
+            engine_generate(model, prompt, 1, temperature=0)
         seconds = alternate({"prefill": prefill, "first": first_token}, args.rounds, args.device)
         row = dict(prompt_tokens=length, prefill_tok_s=round(length / seconds["prefill"], 1),
                    time_to_first_token_ms=round(seconds["first"] * 1000, 2))

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from machine import machine_info, timed  # noqa: E402  (bench/machine.py)
+from engine import generate as engine_generate  # noqa: E402  (the full sampler; model.generate is the short one)
 from model import GPT, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "model.json"
@@ -212,7 +213,7 @@ def bench_training(args: BenchArgs) -> dict | None:
 
 def generate(model, prompt, n: int, use_cache: bool, args: BenchArgs) -> torch.Tensor:
     with autocast(args):
-        return model.generate(prompt, n, temperature=0.0, use_cache=use_cache)
+        return engine_generate(model, prompt, n, temperature=0.0, use_cache=use_cache)
 
 
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -265,7 +266,7 @@ def bench_generation(args: BenchArgs) -> list[dict]:
 
 
 def bench_precision(args: BenchArgs) -> dict:
-    from training import cpu_has_native_bf16
+    from runtime import cpu_has_native_bf16
     torch.manual_seed(args.seed)
     config = ModelConfig(flavour="llama", vocab_size=args.vocab_size, block_size=args.block_size,
                          n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)

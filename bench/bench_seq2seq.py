@@ -53,7 +53,8 @@ def measure_inference(ckpt: str, n_prompts: int, max_new_tokens: int):
 
     from data.chat_data import DEFAULT_CHAT_DIR, read_conversations
     from tokenizer.chat import render_chat
-    from training import load_checkpoint, load_checkpoint_tokenizer
+    from engine import generate
+    from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
     model, _ = load_checkpoint(ckpt)
     tokenizer = load_checkpoint_tokenizer(ckpt)
     model.eval()
@@ -63,9 +64,11 @@ def measure_inference(ckpt: str, n_prompts: int, max_new_tokens: int):
         for record in records:
             ids = render_chat(record["conversations"][:-1], tokenizer, add_generation_prompt=True)[0]
             started = time.perf_counter()
-            for token in model.generate_stream(torch.tensor([ids]), max_new_tokens, temperature=0.0,
-                                               stop_tokens=(tokenizer.im_end_id,)):
-                tokens += 1
+            new = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0.0,
+                           stop_tokens=(tokenizer.im_end_id,))[0]
+            new = new if model.config.n_encoder_layer else new[len(ids):]
+            stops = (new == tokenizer.im_end_id).nonzero()
+            tokens += int(stops[0]) + 1 if len(stops) else len(new)     # up to and with the first stop token
             seconds += time.perf_counter() - started
     print(json.dumps({"tokens": tokens, "tokens_per_second": tokens / seconds}))
 

@@ -29,7 +29,6 @@ so real data drops in; `read_conversations` also accepts alpaca records
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import zlib
@@ -39,14 +38,16 @@ from typing import Callable, Iterator
 
 import torch
 
-from tokenizer.chat import render_chat
+from atomic import atomic_path
+from model import IGNORE_INDEX
+from tokenizer.chat import check_messages, render_chat
 
 from .corpus_tasks import DEFAULT_DIR, speaker_records
 from .pretrain_data import DataError, check_data_file
 
 DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
-IGNORE_INDEX = -100         # targets with this value add nothing to the loss (as model.IGNORE_INDEX)
-HELD_OUT_EVERY = 5           # 1 in 5 words / number pairs / names is only ever used for evaluation
+EVAL_ONLY_ONE_IN = 5         # 1 in 5 words / number pairs / names is only ever used for evaluation
+HOLD_OUT_EVERY_NTH = 20      # a --data file given without --eval_data: every 20th record is held out
 WORD_FAMILIES = ("repeat", "last", "recall", "identity", "add", "upper", "reverse")
 FAMILIES = WORD_FAMILIES + ("speaker",)   # speaker: "who says this line?" on a passage of a play (corpus_tasks.py)
 NEW_SKILL = "first"          # not in the SFT data: the skill lora.py teaches ("Which word comes first?")
@@ -79,8 +80,8 @@ SYLLABLES = ["ka", "ri", "mo", "len", "sa", "vi", "to", "na", "bel", "do", "mi",
 
 
 def is_held_out(key: str) -> bool:
-    """A stable 1-in-HELD_OUT_EVERY choice (crc32, so it is the same on every machine and run)."""
-    return zlib.crc32(key.encode("utf-8")) % HELD_OUT_EVERY == 0
+    """A stable 1-in-EVAL_ONLY_ONE_IN choice (crc32, so it is the same on every machine and run)."""
+    return zlib.crc32(key.encode("utf-8")) % EVAL_ONLY_ONE_IN == 0
 
 
 def corpus_words(text: str, n: int = 3000) -> list[str]:
@@ -103,26 +104,28 @@ def synthetic_names(n: int = 400) -> list[str]:
     return sorted(names)[:n]
 
 
-def make_item(family: str, lang: str, rng: random.Random, words: list[str], names: list[str]) -> dict:
-    """One conversation of a family; words/names are the pool to draw from (train or held-out)."""
+def make_item(family: str, lang: str, rng: random.Random, pool: dict) -> dict:
+    """One conversation of a family, drawn from a pool (the training or the held-out one):
+    pool["words"] word list, pool["pairs"] number pairs (a, b), pool["names"], pool["identity"]
+    questions per language."""
     if family in ("upper", "repeat", "reverse", "last", "first"):
-        w = rng.choice(words)
+        w = rng.choice(pool["words"])
         n = rng.randint(2, 4)
-        listed = rng.sample(words, n)
+        listed = rng.sample(pool["words"], n)
         prompt = rng.choice(TEMPLATES[family][lang]).format(w=w, n=n, nz=NUMBER_WORDS_ZH[n], ws="\n".join(listed))
         answer = {"upper": w.upper(), "repeat": "\n".join([w] * n), "reverse": w[::-1], "last": listed[-1],
                   "first": listed[0]}[family]
         messages = [("user", prompt), ("assistant", answer)]
     elif family == "add":
-        a, b = words                                   # for add, `words` is the pair to use
+        a, b = rng.choice(pool["pairs"])
         prompt = rng.choice(TEMPLATES["add"][lang]).format(a=a, b=b)
         messages = [("user", prompt), ("assistant", str(a + b))]
     elif family == "recall":
-        name = rng.choice(names)
+        name = rng.choice(pool["names"])
         intro, greeting, question = (t.format(name=name) for t in RECALL[lang])
         messages = [("user", intro), ("assistant", greeting), ("user", question), ("assistant", name)]
     elif family == "identity":
-        messages = [("user", rng.choice(words)), ("assistant", PERSONA[lang])]
+        messages = [("user", rng.choice(pool["identity"][lang])), ("assistant", PERSONA[lang])]
     else:
         raise ValueError(f"unknown task family {family!r}; families are {', '.join(FAMILIES)}")
     return {"conversations": [{"role": r, "content": c} for r, c in messages], "family": family, "lang": lang}
@@ -153,15 +156,10 @@ def generate_chat_data(words: list[str], n_train: int, n_eval_per_family: int, s
                         "identity": IDENTITY_HELD_OUT if split == "eval" else IDENTITY_TRAIN}
 
     def item(family: str, split: str) -> dict:
-        pool = pools[split]
         lang = "zh" if rng.random() < zh_share else "en"
-        if family == "add":
-            return make_item(family, lang, rng, rng.choice(pool["pairs"]), pool["names"])
-        if family == "identity":
-            return make_item(family, lang, rng, pool["identity"][lang], pool["names"])
         if family == "speaker":
             return speaker_items[split].pop()
-        return make_item(family, lang, rng, pool["words"], pool["names"])
+        return make_item(family, lang, rng, pools[split])
 
     train = [item(families[i % len(families)], "train") for i in range(n_train)]
     rng.shuffle(train)
@@ -171,13 +169,9 @@ def generate_chat_data(words: list[str], n_train: int, n_eval_per_family: int, s
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line, written to a temp file and renamed (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # per process: parallel runs never collide
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def build_default_chat_data(out_dir: Path = DEFAULT_CHAT_DIR, n_train: int = 20000,
@@ -241,7 +235,6 @@ def read_conversations(path: str | Path) -> Iterator[dict]:
 
 def check_turns(messages: list, where: str) -> None:
     """An optional system message, then user/assistant turns in order, ending with the assistant."""
-    from tokenizer.chat import check_messages
     check_messages(messages, where)
     roles = [m["role"] for m in messages]
     turns = roles[1:] if roles[0] == "system" else roles
@@ -252,11 +245,13 @@ def check_turns(messages: list, where: str) -> None:
         raise DataError(f"{where}: the conversation has no final assistant turn to learn from")
 
 
-def encode_conversations(records: list[dict], tokenizer, block_size: int, loss_on: str, where: str):
-    """Render every conversation to (ids, targets); conversations longer than the context are skipped.
+def encode_conversations(records: list[dict], tokenizer, block_size: int, where: str):
+    """Render every conversation to (x, y, answer_mask), 1-D tensors of one length; conversations
+    longer than the context are skipped.
 
-    targets[t] is the token to predict after ids[..t], or IGNORE_INDEX where the loss
-    must not count (user and system text, role headers; with loss_on="all" nothing is masked).
+    y[t] is the token to predict after x[..t] (x shifted by one); answer_mask[t] is True where
+    y[t] belongs to an assistant answer (its text and the <|im_end|> that closes it), as the
+    chat template marks it. Which targets are learned is the stage's choice (full_sft.py).
     """
     examples, skipped = [], 0
     for record in records:
@@ -264,11 +259,11 @@ def encode_conversations(records: list[dict], tokenizer, block_size: int, loss_o
         if len(ids) > block_size + 1:
             skipped += 1
             continue
-        x = torch.tensor(ids[:-1])                                     # (T,)
-        y = torch.tensor(ids[1:])                                      # (T,)
-        if loss_on == "assistant":
-            y[torch.tensor(mask[1:]) == 0] = IGNORE_INDEX
-        examples.append((x, y))
+        examples.append((torch.tensor(ids[:-1]), torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.bool)))
+    return check_examples(examples, skipped, block_size, where)
+
+
+def check_examples(examples: list, skipped: int, block_size: int, where: str) -> list:
     if skipped:
         print(f"{where}: skipped {skipped} conversations longer than the context of {block_size} tokens")
     if not examples:
@@ -277,14 +272,16 @@ def encode_conversations(records: list[dict], tokenizer, block_size: int, loss_o
 
 
 def collate(examples, pad_id: int):
-    """Pad to the longest example: x with pad_id, y with IGNORE_INDEX (padding never counts). (B, T) each."""
-    T = max(len(x) for x, _ in examples)
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-    for row, (xi, yi) in enumerate(examples):
-        x[row, :len(xi)] = xi
-        y[row, :len(yi)] = yi
-    return x, y
+    """Examples (x, y) or (x, y, answer_mask) of different lengths -> tensors (B, T) padded on the
+    right: x with pad_id, y with IGNORE_INDEX (padding is never learned), the mask with False."""
+    T = max(len(example[0]) for example in examples)
+    fill = (pad_id, IGNORE_INDEX, False)
+    batch = [torch.full((len(examples), T), value, dtype=examples[0][i].dtype)
+             for i, value in enumerate(fill[:len(examples[0])])]
+    for row, example in enumerate(examples):
+        for padded, tensor in zip(batch, example):
+            padded[row, :len(tensor)] = tensor
+    return tuple(batch)
 
 
 def encode_seq2seq_conversations(records: list[dict], tokenizer, block_size: int, where: str):
@@ -303,16 +300,13 @@ def encode_seq2seq_conversations(records: list[dict], tokenizer, block_size: int
             skipped += 1
             continue
         examples.append((torch.tensor(source), torch.tensor(target)))
-    if skipped:
-        print(f"{where}: skipped {skipped} conversations longer than the context of {block_size} tokens")
-    if not examples:
-        raise ValueError(f"{where}: no conversation fits the context of {block_size} tokens")
-    return examples
+    return check_examples(examples, skipped, block_size, where)
 
 
 def collate_seq2seq(examples, pad_id: int, start_id: int):
-    """(source, target) pairs -> source (B, S) padded on the left, pad_lengths (B,), decoder input
-    (B, T) = [start_id, target[:-1]] and targets (B, T), both padded on the right (targets with -100)."""
+    """(source, target) pairs -> source (B, S) padded on the left, decoder input (B, T) =
+    [start_id, target[:-1]], pad_lengths (B,), targets (B, T) padded on the right with -100,
+    and the answer mask (B, T): every real target is part of the answer."""
     S = max(len(src) for src, _ in examples)
     T = max(len(tgt) for _, tgt in examples)
     source = torch.full((len(examples), S), pad_id, dtype=torch.long)
@@ -324,18 +318,15 @@ def collate_seq2seq(examples, pad_id: int, start_id: int):
         decoder_input[row, 0] = start_id
         decoder_input[row, 1:len(tgt)] = tgt[:-1]
         targets[row, :len(tgt)] = tgt
-    return source, decoder_input, targets, pad_lengths
+    return source, decoder_input, pad_lengths, targets, targets != IGNORE_INDEX
 
 
-def chat_examples(records: list[dict], tokenizer, model_config, loss_on: str, where: str):
+def chat_examples(records: list[dict], tokenizer, model_config, where: str):
     """Encode conversations the way the model reads them: one sequence for a decoder-only
-    model, (source, target) for an encoder-decoder one."""
+    model (x, y, answer_mask), (source, target) for an encoder-decoder one."""
     if model_config.n_encoder_layer:
-        if loss_on != "assistant":
-            raise ValueError("--loss_on all is for decoder-only models: an encoder-decoder model reads the "
-                             "conversation with its encoder and only ever learns to write the answer")
         return encode_seq2seq_conversations(records, tokenizer, model_config.block_size, where)
-    return encode_conversations(records, tokenizer, model_config.block_size, loss_on, where)
+    return encode_conversations(records, tokenizer, model_config.block_size, where)
 
 
 def similar_length_rows(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 8) -> list[int]:
@@ -353,13 +344,8 @@ def similar_length_rows(lengths: torch.Tensor, batch_size: int, generator: torch
     return candidates[chosen * batch_size:(chosen + 1) * batch_size].tolist()
 
 
-def batch_targets(batch: tuple) -> torch.Tensor:
-    """The targets tensor of a batch from chat_collate: (x, targets) or (source, decoder input, targets, pad_lengths)."""
-    return batch[2] if len(batch) == 4 else batch[1]
-
-
 def chat_collate(model_config, tokenizer):
-    """The batching function for the model kind: examples -> the tensors its forward() takes."""
+    """The batching function for the model kind: examples -> (the model's inputs..., targets, answer_mask)."""
     if model_config.n_encoder_layer:
         return lambda examples: collate_seq2seq(examples, tokenizer.eot_id, model_config.decoder_start_id)
     return lambda examples: collate(examples, tokenizer.eot_id)
@@ -417,12 +403,9 @@ def read_preference_pairs(path: str | Path) -> Iterator[dict]:
         yield record
 
 
-HOLD_OUT_EVERY = 20        # a --data file given without --eval_data: every 20th record is held out
-
-
 def records_and_held_out(read: Callable, data: str | Path, eval_data: str | Path = "",
                          announce: bool = True) -> tuple[list, list]:
-    """(training records, held-out records) of a stage's --data and --eval_data, read with `read`
+    """(training records, held-out records) of --data and --eval_data, read with `read`
     (read_conversations or read_preference_pairs). Without eval_data every 20th record of data is
     held out, so a stage never picks its best weights by a loss on unrelated data."""
     records = list(read(data))
@@ -430,10 +413,22 @@ def records_and_held_out(read: Callable, data: str | Path, eval_data: str | Path
         return records, list(read(eval_data))
     if len(records) < 2:
         raise DataError(f"{data}: {len(records)} record(s): too few to hold some out; give --eval_data too")
-    held_out = records[::HOLD_OUT_EVERY]
+    held_out = records[::HOLD_OUT_EVERY_NTH]
     if announce:
-        print(f"data: no --eval_data: {len(held_out)} records of {data} (every {HOLD_OUT_EVERY}th) held out")
-    return [r for i, r in enumerate(records) if i % HOLD_OUT_EVERY], held_out
+        print(f"data: no --eval_data: {len(held_out)} records of {data} (every {HOLD_OUT_EVERY_NTH}th) held out")
+    return [r for i, r in enumerate(records) if i % HOLD_OUT_EVERY_NTH], held_out
+
+
+def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], tuple[Path, Path]]):
+    """The data of a chat stage (SFT, LoRA, DPO): the user's --data (with --eval_data, or every 20th
+    record held out), else the stage's default files, default() -> (train path, held-out path).
+    Returns (training records, held-out records, their files: the training one, and the held-out
+    one or '' when it is held out of the training file)."""
+    if eval_data and not data:
+        raise ValueError("--eval_data needs --data (the training records) too")
+    train_path, eval_path = (data, eval_data) if data else default()
+    train, held_out = records_and_held_out(read, train_path, eval_path)
+    return train, held_out, str(train_path), str(eval_path or "")
 
 
 def sft_data_of(ckpt_config: dict) -> tuple[list, list, str]:

@@ -15,9 +15,10 @@ validation covers every play and every source rather than one slice at the end.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from pathlib import Path
+
+from atomic import atomic_write_text
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ("tang300", "song100", "chinese")
@@ -66,12 +67,6 @@ def split_english(text: str) -> tuple[str, str]:
     return "".join(train), "".join(val)
 
 
-def _write(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file behind
-
-
 def build_default_corpus(out_dir: str | Path, verbose: bool = True) -> dict[str, list[Path]]:
     """Write the default corpus under out_dir (skipped if already there).
 
@@ -91,8 +86,8 @@ def build_default_corpus(out_dir: str | Path, verbose: bool = True) -> dict[str,
             t, v = split_english(f.read_text(encoding="utf-8"))
             train_parts.append(t)
             val_parts.append(v)
-        _write(en_val, "\n".join(val_parts))
-        _write(en_train, "\n".join(train_parts))
+        atomic_write_text(en_val, "\n".join(val_parts))
+        atomic_write_text(en_train, "\n".join(train_parts))
         if verbose:
             print(f"corpus: English {en_train.stat().st_size / 1e6:.2f} MB train, "
                   f"{en_val.stat().st_size / 1e6:.2f} MB val -> {out}")
@@ -102,8 +97,8 @@ def build_default_corpus(out_dir: str | Path, verbose: bool = True) -> dict[str,
         for name in FORTUNE_FILES:
             for i, entry in enumerate(fortune_entries(FORTUNES_DIR / name)):
                 (val_parts if i % VAL_EVERY == VAL_EVERY // 2 else train_parts).append(entry)
-        _write(zh_val, "\n\n".join(val_parts) + "\n")
-        _write(zh_train, "\n\n".join(train_parts) + "\n")
+        atomic_write_text(zh_val, "\n\n".join(val_parts) + "\n")
+        atomic_write_text(zh_train, "\n\n".join(train_parts) + "\n")
         if verbose:
             print(f"corpus: Chinese {zh_train.stat().st_size / 1e6:.2f} MB train, "
                   f"{zh_val.stat().st_size / 1e6:.2f} MB val -> {out}")

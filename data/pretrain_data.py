@@ -7,6 +7,8 @@ Pretraining data: text files -> token ids in memory-mapped .bin files -> random 
                             fits in 65,536 ids, else uint32); files larger than memory work
     prepare_dataset(...)    the whole step for a set of splits, cached by tokenizer fingerprint
     TokenBin                np.memmap over a .bin: random training windows, eval windows
+    prepare_pretraining_data(...)   what pretrain.py calls: the default corpus or the
+                            user's files -> a tokenizer (trained if missing) -> .bin files
 
 Every document ends with <|endoftext|>, so the model learns where texts stop.
 """
@@ -22,6 +24,12 @@ from typing import Iterator
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from atomic import atomic_path, atomic_write_text
+from tokenizer import Tokenizer, load_tokenizer, train_tokenizer_on_files
+
+from .corpus import build_default_corpus
+from .corpus_tasks import DEFAULT_DIR
 
 CHUNK_BYTES = 1 << 20          # .txt files are read and encoded in pieces of about 1 MB
 JSONL_VAL_EVERY = 100          # user jsonl: every 100th record is held out for validation
@@ -129,10 +137,9 @@ def tokenize_to_bin(paths: list[Path], tokenizer, out_path: Path, part: str = "a
     Returns {"tokens": n, "bytes": b} where b is the UTF-8 size of the text encoded.
     """
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = out_path.with_suffix(".bin.tmp")
     n_tokens = n_bytes = 0
     total = sum(Path(p).stat().st_size for p in paths if Path(p).exists())
-    try:
+    with atomic_path(out_path) as tmp:                 # never leave half a .bin behind
         with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
             for path in paths:
                 pieces = list()
@@ -151,10 +158,6 @@ def tokenize_to_bin(paths: list[Path], tokenizer, out_path: Path, part: str = "a
             why = (" (held out: the last 1% of each .txt file and every 100th .jsonl record; "
                    "give more text, e.g. at least 100 jsonl records)") if part == "val" else ""
             raise DataError(f"{', '.join(map(str, paths))}: no text for the {part} split{why}")
-    except BaseException:
-        tmp.unlink(missing_ok=True)            # never leave half a .bin behind
-        raise
-    os.replace(tmp, out_path)
     return {"tokens": n_tokens, "bytes": n_bytes}
 
 
@@ -202,9 +205,7 @@ def prepare_dataset(splits: dict[str, list[Path]], tokenizer, cache_dir: Path,
     for name, (paths, part) in jobs.items():
         meta["splits"][name] = tokenize_to_bin([Path(p) for p in paths], tokenizer,
                                                cache_dir / f"{name}.bin", part, desc=f"tokenize {name}")
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)  # written last: its presence means every .bin is complete
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))  # written last: its presence means every .bin is complete
     return cache_dir
 
 
@@ -276,3 +277,76 @@ class MixedBatches:
         parts = [self.bins[name].random_batch(n, block_size, generator)
                  for name, n in rows_per_source(batch_size, self.shares).items() if n > 0]
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+# ----------------------------------------------------------------------------------
+# The whole preparation, for pretrain.py
+
+
+ROOT = Path(__file__).resolve().parent.parent     # the repository
+
+
+def prepare_pretraining_data(data: tuple, tokenizer_path: str, vocab_size: int, cache_dir: str, verbose: bool = True):
+    """Corpus -> tokenizer -> token .bin files, each step skipped when its result is there.
+
+    data: the user's text files, or () for the default corpus (built from installed packages).
+    The tokenizer is trained on the training text if tokenizer_path does not exist (a user
+    file's held-out part stays unseen). Returns (tokenizer, train bins, validation bins),
+    bins as {split name: TokenBin}: "train"/"val" for user files, "train_en", "val_zh", ...
+    for the default corpus.
+    """
+    if data:
+        splits, user_files = {"train": [Path(p) for p in data]}, True
+        for path in splits["train"]:
+            check_data_file(path)          # before a tokenizer is trained on them
+        key = hashlib.sha256("\n".join(sorted(str(Path(p).resolve()) for p in data)).encode()).hexdigest()[:12]
+        cache_root = ROOT / cache_dir / key                       # one cache folder per set of user files
+    else:
+        splits, user_files, cache_root = build_default_corpus(DEFAULT_DIR, verbose), False, DEFAULT_DIR
+    tok_path = Path(tokenizer_path)
+    if not tok_path.is_absolute():
+        tok_path = ROOT / tok_path
+    if tok_path.exists():
+        tokenizer = load_tokenizer(tok_path)
+    else:
+        if verbose:
+            print(f"tokenizer: {tok_path} missing, training a {vocab_size}-token BPE on the training text")
+        train_files = [p for name, paths in splits.items() if name.startswith("train") for p in paths]
+        if user_files:   # only the training part of each file: validation text stays unseen
+            tokenizer = Tokenizer.from_texts((doc for path in train_files for doc in read_documents(path, "train")),
+                                             vocab_size)
+            tokenizer.save(tok_path)
+        else:
+            tokenizer = train_tokenizer_on_files(train_files, vocab_size, tok_path)
+    bin_dir = prepare_dataset(splits, tokenizer, cache_root / "tokens", user_files=user_files)
+    names = ["train", "val"] if user_files else list(splits)
+    dtype = token_dtype(tokenizer.vocab_size)
+    bins = {name: TokenBin(bin_dir / f"{name}.bin", dtype) for name in names}
+    return (tokenizer, {n: b for n, b in bins.items() if n.startswith("train")},
+            {n: b for n, b in bins.items() if n.startswith("val")})
+
+
+def objective_batches(objective: str, config):
+    """What pretraining trains on, for model config `config`: next_token (a decoder-only model predicts
+    every next token of a window) or next_span (an encoder-decoder reads the first half of a window
+    and writes the second). Returns to_batch(x, y) -> the model's inputs and targets; "auto" picks
+    the one that fits, and one that does not fit is refused in one line."""
+    fits = "next_span" if config.n_encoder_layer else "next_token"
+    if objective not in ("auto", fits):
+        kind = "an encoder-decoder" if config.n_encoder_layer else "a decoder-only"
+        raise ValueError(f"--objective {objective} does not fit {kind} model: use --objective {fits} "
+                         f"(or --n_encoder_layer {'0' if config.n_encoder_layer else 'N'} for the other kind)")
+    if fits == "next_token":
+        return lambda x, y: (x, y)
+    return lambda x, y: next_span_batch(x, y, config.decoder_start_id)
+
+
+def next_span_batch(x: torch.Tensor, y: torch.Tensor, start_id: int):
+    """Pretraining an encoder-decoder: windows (x, y = x shifted by one), (B, T) each ->
+    (source, decoder input, targets): the encoder reads the first half of each window,
+    the decoder writes the second half."""
+    window = torch.cat([x[:, :1], y], dim=1)                      # (B, T+1) the whole window
+    half = window.shape[1] // 2
+    source, targets = window[:, :half], window[:, half:]          # (B, h), (B, T+1-h)
+    decoder_input = torch.cat([torch.full_like(targets[:, :1], start_id), targets[:, :-1]], dim=1)
+    return source, decoder_input, targets

@@ -89,7 +89,7 @@ def test_data_without_eval_data_holds_out_every_20th_pair(tiny_pretrained, tmp_p
     dpo.main(flags + ["--data", str(tmp_path / "pairs.jsonl"), "--out_dir", str(tmp_path / "dpo")])
     held_out = len(pairs[::20])
     assert f"data: no --eval_data: {held_out} records of" in capsys.readouterr().out
-    from training import load_checkpoint_tokenizer
+    from weight.checkpoint import load_checkpoint_tokenizer
     trained = dpo.encode_pairs([p for i, p in enumerate(pairs) if i % 20],   # (those longer than the context skipped)
                                load_checkpoint_tokenizer(tiny_pretrained / "ckpt"), 96)
     assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["pairs"] == len(trained) > 0

@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import generate
+
 transformers = pytest.importorskip("transformers")
 
 from hf_helpers import MIXED, write_toy_tokenizer  # noqa: E402
-from training import load_checkpoint, load_checkpoint_tokenizer  # noqa: E402
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer  # noqa: E402
+from weight import __main__ as convert  # noqa: E402  (python -m weight)
 from weight import hf  # noqa: E402
 
 CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -67,7 +70,7 @@ def test_greedy_generation_equals_transformers(imported):
     theirs, ours, eot = imported["theirs"], imported["ours"], imported["eot"]
     prompt = torch.tensor([imported["tokenizer"].encode_ordinary("Hello world! 我们")])
     expected = theirs.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eot, pad_token_id=eot)
-    got = ours.generate(prompt, 12, temperature=0.0, stop_tokens=(eot,))
+    got = generate(ours, prompt, 12, temperature=0.0, stop_tokens=(eot,))
     assert got.tolist() == expected.tolist()
 
 
@@ -136,7 +139,7 @@ def test_gpt2_files_of_the_original_release_load_too(tmp_path):
 
 def test_import_command_writes_a_checkpoint_that_reloads(tmp_path, capsys):
     make_hf_folder(tmp_path / "hf", "gpt2")
-    hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--dtype", "bfloat16"])
+    convert.main(["import", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--dtype", "bfloat16"])
     assert "import:" in capsys.readouterr().out
     assert torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)["tok_emb.weight"].dtype == torch.bfloat16
     model, config = load_checkpoint(tmp_path / "ckpt")
@@ -158,8 +161,7 @@ def test_sft_lora_dpo_and_chat_on_an_imported_qwen_folder_and_export(tmp_path):
     from conftest import WORDS
     from data.chat_data import (generate_chat_data, plausible_wrong_answer, preference_pair, synthetic_names,
                                 write_jsonl)
-    from model import merge_lora
-    from training import load_adapted_model
+    from weight.checkpoint import load_adapted_model
     make_hf_folder(tmp_path / "qwen", "qwen2-gqa-tied")
     train, held_out = generate_chat_data(WORDS, 60, 1, seed=0)
     write_jsonl(tmp_path / "train.jsonl", train)
@@ -185,10 +187,10 @@ def test_sft_lora_dpo_and_chat_on_an_imported_qwen_folder_and_export(tmp_path):
                           cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
     sft, _ = load_checkpoint(tmp_path / "sft")
-    merged = merge_lora(load_adapted_model(tmp_path / "lora")[0])
+    merged = load_adapted_model(tmp_path / "lora")[0]       # the adapter folded into its base
     ids = torch.randint(0, sft.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
     for model, src in ((sft, "sft"), (merged, "lora")):
-        hf.main(["export", str(tmp_path / src), str(tmp_path / f"{src}-hf")])
+        convert.main(["export", str(tmp_path / src), str(tmp_path / f"{src}-hf")])
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{src}-hf").eval()
         with torch.no_grad():
             torch.testing.assert_close(back(ids).logits, model.eval()(ids)[0], atol=1e-5, rtol=1e-5)
@@ -274,7 +276,7 @@ def test_a_checkpoint_made_by_pretrain_exports(tmp_path):
     """pretrain.py's own checkpoints (own BPE tokenizer, decoder only) go out as a folder transformers loads."""
     from conftest import pretrain_tiny
     ckpt = pretrain_tiny(tmp_path, extra=("--flavour", "llama"))
-    hf.main(["export", str(ckpt), str(tmp_path / "hf")])
+    convert.main(["export", str(ckpt), str(tmp_path / "hf")])
     ours, _ = load_checkpoint(ckpt)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))

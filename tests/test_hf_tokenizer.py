@@ -13,7 +13,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from hf_helpers import MIXED, package_file, write_toy_tokenizer  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from tokenizer.chat import render_chat  # noqa: E402
 from tokenizer.hf import (PretrainedTokenizer, hf_tokenizer_files, load_hf_tokenizer_files,  # noqa: E402
                           merges_from_ranks, ranks_from_vocab_and_merges, read_tiktoken_file, spelled_to_bytes)
@@ -127,7 +127,7 @@ def test_a_template_default_system_prompt_is_mirrored(tmp_path):
 def test_saved_tokenizer_reloads_identically_and_pickles(qwen_folder, tmp_path):
     ours = load_hf_tokenizer_files(qwen_folder).padded_to(151936)     # Qwen2.5 pads its embedding
     ours.save(tmp_path / "tokenizer.json")
-    again = Tokenizer.load(tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json")
     assert isinstance(again, PretrainedTokenizer) and again.vocab_size == 151936
     assert again.fingerprint == ours.fingerprint and again.encode_ordinary(MIXED) == ours.encode_ordinary(MIXED)
     assert pickle.loads(pickle.dumps(ours)).encode_ordinary(MIXED) == ours.encode_ordinary(MIXED)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import Engine, LoadConfig, SamplingParams, TextStream, pack_batches
-from model import GPT, ModelConfig, apply_penalties, left_pad, sample_next_token
+from engine import (Engine, LoadConfig, SamplingParams, TextStream, apply_penalties, generate, left_pad, pack_batches,
+                    sample_next_token)
+from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +138,7 @@ def test_a_left_padded_batch_gives_every_row_its_own_greedy_answer(flavour, use_
     prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 11, 6, 1)]
     idx, pad_lengths = left_pad(prompts, pad_id=0)
     assert idx.shape == (4, 11) and pad_lengths.tolist() == [8, 0, 5, 10]
-    batched = model.generate(idx, 12, temperature=0, pad_lengths=pad_lengths, use_cache=use_cache)[:, 11:]
+    batched = generate(model, idx, 12, temperature=0, pad_lengths=pad_lengths, use_cache=use_cache)[:, 11:]
     for row, prompt in enumerate(prompts):
         alone = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):]
         assert torch.equal(batched[row], alone), f"row {row} differs from its prompt generated alone"
@@ -157,7 +158,7 @@ def test_an_unpadded_batch_generates_exactly_as_without_padding_info():
     model = tiny(flavour="gpt2")
     idx = torch.randint(0, 97, (3, 5))
     plain = model.generate(idx, 10, temperature=0)
-    assert torch.equal(model.generate(idx, 10, temperature=0, pad_lengths=torch.zeros(3, dtype=torch.long)), plain)
+    assert torch.equal(generate(model, idx, 10, temperature=0, pad_lengths=torch.zeros(3, dtype=torch.long)), plain)
 
 
 def test_the_kv_cache_holds_prompt_plus_answer_not_the_whole_context(monkeypatch):
@@ -190,7 +191,7 @@ def test_a_repetition_penalty_steers_greedy_decoding_away_from_repeats():
     model = tiny()
     prompt = torch.randint(0, 97, (1, 4))
     plain = model.generate(prompt, 30, temperature=0)[0].tolist()
-    penalized = model.generate(prompt, 30, temperature=0, repetition_penalty=1e6)[0].tolist()
+    penalized = generate(model, prompt, 30, temperature=0, repetition_penalty=1e6)[0].tolist()
     assert len(set(plain)) < len(plain)                # an untrained model loops...
     assert len(set(penalized)) == len(penalized)       # ...a huge penalty forbids every token seen before
 
@@ -240,7 +241,7 @@ def test_engine_batches_answer_like_single_prompts(ckpt):
 
 
 def test_evaluation_greedy_answers_match_single_prompt_generation(tiny_pretrained):
-    from evaluation import greedy_answers
+    from scoring import greedy_answers
     from tokenizer.chat import render_chat
     engine = Engine.load(LoadConfig(ckpt=str(tiny_pretrained / "ckpt")))
     conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": "?"}]
@@ -248,7 +249,7 @@ def test_evaluation_greedy_answers_match_single_prompt_generation(tiny_pretraine
     answers = greedy_answers(engine.model, engine.tokenizer, conversations, max_new_tokens=6, batch_size=3)
     for conversation, answer in zip(conversations, answers):
         ids = render_chat(conversation[:-1], engine.tokenizer, add_generation_prompt=True)[0]
-        out = engine.model.generate(torch.tensor([ids]), 6, temperature=0, stop_tokens=(engine.tokenizer.im_end_id,))
+        out = generate(engine.model, torch.tensor([ids]), 6, temperature=0, stop_tokens=(engine.tokenizer.im_end_id,))
         new = out[0, len(ids):].tolist()
         new = new[:new.index(engine.tokenizer.im_end_id)] if engine.tokenizer.im_end_id in new else new
         assert answer == engine.tokenizer.decode(new)

@@ -7,7 +7,8 @@ import torch
 import full_sft
 import lora
 from data.chat_data import generate_chat_data, write_jsonl
-from model import GPT, LoRALinear, ModelConfig, add_lora, lora_state_dict, merge_lora
+from lora import LoRALinear, add_lora, lora_state_dict, merge_lora
+from model import GPT, ModelConfig
 
 from conftest import WORDS
 
@@ -87,7 +88,7 @@ def test_lora_trains_an_adapter_and_merges(tiny_pretrained, tmp_path):
 
     lora.main(args[:args.index("--out_dir") + 2] + ["--merge"])
     adapted, _ = lora.load_adapted_model(out)
-    from training import load_checkpoint
+    from weight.checkpoint import load_checkpoint
     merged, _ = load_checkpoint(str(out) + "_merged")
     x = torch.randint(merged.config.vocab_size, (1, 12))
     assert torch.allclose(adapted(x)[0], merged(x)[0], atol=1e-5)

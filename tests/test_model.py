@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import GPT, IGNORE_INDEX, ModelConfig, sample_next_token
+from engine import generate, sample_next_token
+from model import GPT, IGNORE_INDEX, ModelConfig
 
 FLAVOURS = {
     "gpt2": dict(flavour="gpt2"),
@@ -56,8 +57,8 @@ def test_kv_cache_logits_equal_full_forward(variant):
 def test_greedy_generation_same_with_and_without_cache(variant):
     model = tiny(**FLAVOURS[variant])
     prompt = torch.randint(0, 97, (2, 5))
-    with_cache = model.generate(prompt, 12, temperature=0)
-    without = model.generate(prompt, 12, temperature=0, use_cache=False)
+    with_cache = model.generate(prompt, 12, temperature=0)             # model.py's short generate
+    without = generate(model, prompt, 12, temperature=0, use_cache=False)   # the engine, recomputing every step
     assert with_cache.shape == (2, 17)
     assert torch.equal(with_cache, without)
 
@@ -76,7 +77,7 @@ def test_generation_stops_at_stop_token():
     model = tiny()
     prompt = torch.randint(0, 97, (1, 4))
     first = model.generate(prompt, 1, temperature=0)[0, -1].item()
-    out = model.generate(prompt, 10, temperature=0, stop_tokens=(first,))
+    out = generate(model, prompt, 10, temperature=0, stop_tokens=(first,))
     assert out.shape[1] == 5
 
 

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from model import GPT, FeedForward, ModelConfig, MoEFeedForward
+from engine import generate
+
+from model import GPT, FeedForward, ModelConfig, MoEFeedForward, moe_aux_loss, moe_layers
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -81,9 +83,8 @@ def test_capacity_factor_drops_overflow_and_counts_it():
     moe = MoEFeedForward(moe_config(n_experts=4, top_k=1, capacity_factor=1.0))
     with torch.no_grad():
         moe.router.weight.zero_()                 # all 40 tokens pick expert 0; capacity is 10
-    moe.reset_stats()
     out = moe(torch.randn(1, 40, 32))
-    assert moe.stat_dropped == 30 and (out[0, 10:] == 0).all() and (out[0, :10] != 0).any()
+    assert moe.dropped == 30 and (out[0, 10:] == 0).all() and (out[0, :10] != 0).any()
 
 
 def test_moe_model_trains_with_the_balance_loss_and_reports_expert_shares():
@@ -94,10 +95,26 @@ def test_moe_model_trains_with_the_balance_loss_and_reports_expert_shares():
     _, loss = model(x, x)
     model.eval()
     _, eval_loss = model(x, x)
-    assert loss.item() == pytest.approx(eval_loss.item() + 0.01 * model.moe_aux_loss().item(), abs=1e-5)
-    stats = model.moe_stats()
-    assert len(stats["expert_share"]) == 4 and sum(stats["expert_share"]) == pytest.approx(1.0)
-    assert model.moe_stats() == {}                # reset after reading
+    assert loss.item() == pytest.approx(eval_loss.item() + 0.01 * moe_aux_loss(model).item(), abs=1e-5)
+
+
+def test_routing_log_counts_training_passes_only_and_resets_when_read():
+    from training import RoutingLog
+    torch.manual_seed(0)
+    model = GPT(moe_config(n_shared_experts=1))
+    log = RoutingLog(model)
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    model.train()
+    model(torch.randint(0, 97, (2, 16)))
+    trained = sum(m.load.float() for m in layers)                 # (E,) routed slots of the training pass
+    assert trained.sum() == 2 * 2 * 16 * 2                        # 2 layers x 32 tokens x top_k 2
+    model.eval()
+    model(torch.full((2, 16), 5))                 # an evaluation pass, routed differently: not counted
+    assert not torch.equal(sum(m.load.float() for m in layers), trained)
+    stats = log.read()
+    assert stats["expert_share"] == pytest.approx((trained / trained.sum()).tolist())
+    assert log.read() == {}                       # reset after reading
+    log.close()
 
 
 def test_moe_kv_cache_generation_equals_full_forward():
@@ -105,13 +122,13 @@ def test_moe_kv_cache_generation_equals_full_forward():
     model = GPT(moe_config()).eval()
     x = torch.randint(0, 97, (2, 10))
     cached = model.generate(x, 8, temperature=0.0)
-    uncached = model.generate(x, 8, temperature=0.0, use_cache=False)
+    uncached = generate(model, x, 8, temperature=0.0, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
 def test_active_parameters_count_top_k_experts_only():
     model = GPT(moe_config(n_experts=8, top_k=2))
-    per_expert = sum(p.numel() for p in model.moe_layers()[0].experts[0].parameters())
+    per_expert = sum(p.numel() for p in moe_layers(model)[0].experts[0].parameters())
     assert model.num_params() - model.num_params(active=True) == 2 * 6 * per_expert   # 2 layers, 6 idle experts
     dense = GPT(ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32))
     # equal active parameters by default: top_k experts together as wide as the dense feed-forward
@@ -139,7 +156,7 @@ def test_pretrain_sft_and_lora_run_on_a_moe_model_and_log_expert_shares(tmp_path
     import full_sft
     import lora
     from conftest import pretrain_tiny, write_chat_data
-    from training import load_adapted_model, load_checkpoint
+    from weight.checkpoint import load_adapted_model, load_checkpoint
 
     pretrain_tiny(tmp_path, "pre", steps=4, eval_interval=2,
                   extra=("--n_experts", "4", "--top_k", "2", "--n_shared_experts", "1"))
@@ -147,7 +164,7 @@ def test_pretrain_sft_and_lora_run_on_a_moe_model_and_log_expert_shares(tmp_path
         evals = [r for r in csv.DictReader(f) if r["expert_0"]]
     assert len(evals) == 2 and all(abs(sum(float(r[f"expert_{e}"]) for e in range(4)) - 1) < 1e-4 for r in evals)
     model, _ = load_checkpoint(tmp_path / "pre")               # the checkpoint rebuilds the MoE from its config
-    assert model.config.n_experts == 4 and len(model.moe_layers()) == 1
+    assert model.config.n_experts == 4 and len(moe_layers(model)) == 1
     pretrain_tiny(tmp_path, "more", steps=1, eval_interval=1, extra=("--init_from", str(tmp_path / "pre"),
                                                                     "--n_experts", "8"))
     assert "--n_experts 8 is ignored" in capsys.readouterr().out   # the checkpoint's own config wins
@@ -158,6 +175,9 @@ def test_pretrain_sft_and_lora_run_on_a_moe_model_and_log_expert_shares(tmp_path
     full_sft.main(chat + ["--init_from", str(tmp_path / "pre"), "--out_dir", str(tmp_path / "sft")])
     lora.main(chat + ["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "lora"), "--replay", "0",
                       "--old_eval_data", str(tmp_path / "eval.jsonl"), "--target_modules", "up_proj", "down_proj"])
-    adapted, _ = load_adapted_model(tmp_path / "lora")
-    wrapped = [n for n, m in adapted.named_modules() if type(m).__name__ == "LoRALinear"]
-    assert any(".experts." in n for n in wrapped) and any(".shared_experts." in n for n in wrapped)
+    adapter = torch.load(tmp_path / "lora" / "adapter.pt", weights_only=True)      # the routed and shared experts
+    assert any(".experts." in k for k in adapter) and any(".shared_experts." in k for k in adapter)
+    adapted, _ = load_adapted_model(tmp_path / "lora")                              # folded into their weights
+    sft, _ = load_checkpoint(tmp_path / "sft")
+    changed = [n for n, p in adapted.named_parameters() if not torch.equal(p, dict(sft.named_parameters())[n])]
+    assert changed and all(n.endswith(("up_proj.weight", "down_proj.weight")) for n in changed)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import ModelConfig, Seq2Seq, build_model, left_pad
+from engine import generate, left_pad
+from model import ModelConfig, Seq2Seq, build_model
 
 VARIANTS = {"llama": dict(flavour="llama", n_kv_head=2), "gpt2": dict(flavour="gpt2")}
 
@@ -20,10 +21,10 @@ def test_the_encoder_sees_the_whole_source(variant):
     src = torch.randint(0, 96, (1, 12))
     changed = src.clone()
     changed[0, 10] = (src[0, 10] + 1) % 96
-    memory, _, _ = model.encode(src)                                 # (1, 12, C)
-    memory_changed, _, _ = model.encode(changed)
+    encoded, _, _ = model.encode(src)                                # (1, 12, C)
+    encoded_changed, _, _ = model.encode(changed)
     # the encoder's output at position 2 depends on source token 10: no causal mask in the encoder
-    assert not torch.allclose(memory[0, 2], memory_changed[0, 2])
+    assert not torch.allclose(encoded[0, 2], encoded_changed[0, 2])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -42,7 +43,7 @@ def test_cached_generation_equals_uncached(variant):
     model = tiny(**VARIANTS[variant])
     src = torch.randint(0, 96, (2, 7))
     cached = model.generate(src, 12, temperature=0.0)
-    uncached = model.generate(src, 12, temperature=0.0, use_cache=False)
+    uncached = generate(model, src, 12, temperature=0.0, use_cache=False)
     assert cached.shape == (2, 12) and torch.equal(cached, uncached)
 
 
@@ -56,7 +57,7 @@ def test_padding_sources_of_different_lengths_changes_nothing(variant):
     for row, source in enumerate(sources):
         alone, _ = model(torch.tensor([source]), tgt[row:row + 1])
         assert torch.allclose(batched[row], alone[0], atol=1e-5)
-    generated = model.generate(src, 6, temperature=0.0, pad_lengths=pad_lengths)
+    generated = generate(model, src, 6, temperature=0.0, pad_lengths=pad_lengths)
     for row, source in enumerate(sources):
         assert torch.equal(generated[row], model.generate(torch.tensor([source]), 6, temperature=0.0)[0])
 
@@ -68,7 +69,7 @@ def test_loss_counts_targets_only_and_the_model_learns_to_copy():
     for _ in range(200):                     # copy the source: only possible by reading the encoder's output
         src = torch.randint(0, 20, (16, 6))
         tgt = torch.cat([torch.full((16, 1), 96), src[:, :-1]], dim=1)
-        _, loss = model(src, tgt, src)
+        _, loss = model(src, tgt, targets=src)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -76,7 +77,7 @@ def test_loss_counts_targets_only_and_the_model_learns_to_copy():
 
 
 def test_a_checkpoint_rebuilds_the_encoder_decoder(tmp_path):
-    from training import load_checkpoint, save_checkpoint
+    from weight.checkpoint import load_checkpoint, save_checkpoint
     model = tiny()
     save_checkpoint(tmp_path, model, {"stage": "pretrain"})
     loaded, _ = load_checkpoint(tmp_path)
@@ -92,7 +93,7 @@ def test_an_encoder_decoder_chatbot_through_every_stage(tmp_path, capsys):
     import inference
     import lora
     from conftest import pretrain_tiny, write_chat_data
-    from training import load_checkpoint
+    from weight.checkpoint import load_checkpoint
 
     pretrain_tiny(tmp_path, "pre", steps=3, eval_interval=3, extra=("--n_encoder_layer", "1", "--sample_tokens", "5"))
     model, _ = load_checkpoint(tmp_path / "pre")
@@ -108,7 +109,7 @@ def test_an_encoder_decoder_chatbot_through_every_stage(tmp_path, capsys):
     assert '"choice"' in (tmp_path / "report.json").read_text()
     # inference.py continues a text with an encoder-decoder (the prompt goes to the encoder). An untrained,
     # untied model: its greedy tokens are arbitrary ones (a tied one just repeats its start token, <|endoftext|>)
-    from training import load_checkpoint_tokenizer, save_checkpoint
+    from weight.checkpoint import load_checkpoint_tokenizer, save_checkpoint
     tok = load_checkpoint_tokenizer(tmp_path / "pre")
     torch.manual_seed(1)
     untrained = build_model(ModelConfig(**{**model.config.to_dict(), "tie_embeddings": False})).eval()
@@ -134,7 +135,8 @@ def test_an_objective_that_does_not_fit_the_model_is_refused(tmp_path):
 
 
 def test_muon_trains_the_encoders_matrices_too():
-    from training import TrainConfig, make_optimizer
+    from optim import make_optimizer
+    from training import TrainConfig
     model = build_model(ModelConfig(vocab_size=64, n_layer=1, n_encoder_layer=1, n_embd=32, n_head=2))
     optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
     in_muon = {id(p) for group in optimizer.optimizers[1].param_groups for p in group["params"]}

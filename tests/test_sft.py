@@ -85,7 +85,7 @@ def test_conversations_longer_than_the_context_are_skipped_and_counted(capsys):
     tok = Tokenizer.from_texts([" ".join(WORDS)], vocab_size=280, progress=False)
     short = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     long = {"conversations": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "yo"}]}
-    examples = encode_conversations([short, long, short], tok, block_size=32, loss_on="assistant", where="c.jsonl")
+    examples = encode_conversations([short, long, short], tok, block_size=32, where="c.jsonl")
     assert len(examples) == 2
     assert "c.jsonl: skipped 1 conversations longer than the context of 32 tokens" in capsys.readouterr().out
 
@@ -107,14 +107,14 @@ def test_similar_length_batches_cut_padding_and_pick_every_row_equally_often():
 
 
 def test_data_without_eval_data_holds_out_every_20th_and_later_stages_find_it(tiny_pretrained, tmp_path, capsys):
-    from data.chat_data import HOLD_OUT_EVERY, sft_data_of
+    from data.chat_data import HOLD_OUT_EVERY_NTH, sft_data_of
     records = list(read_conversations(tiny_pretrained / "train.jsonl"))
     flags = ["--init_from", str(tiny_pretrained / "ckpt"), "--max_steps", "1", "--eval_interval", "1",
              "--time_budget", "0", "--batch_size", "4", "--max_new_tokens", "1"]
     with pytest.raises(ValueError, match="--eval_data needs --data"):
         full_sft.main(flags + ["--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(tmp_path / "x")])
     full_sft.main(flags + ["--data", str(tiny_pretrained / "train.jsonl"), "--out_dir", str(tmp_path / "sft")])
-    held_out = records[::HOLD_OUT_EVERY]
+    held_out = records[::HOLD_OUT_EVERY_NTH]
     assert f"data: no --eval_data: {len(held_out)} records of" in capsys.readouterr().out
     assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["accuracy"] is not None
     # lora.py and dpo.py read the same split back from the SFT model's config.json

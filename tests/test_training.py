@@ -10,7 +10,8 @@ import torch
 
 import pretrain
 from data.pretrain_data import TokenBin
-from training import TrainConfig, lr_at
+from optim import lr_at
+from training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog. 春眠不觉晓，处处闻啼鸟。\n"
@@ -151,7 +152,7 @@ def test_muon_trains_and_resumes(corpus, tmp_path):
 
 @pytest.mark.parametrize("shape", [(32, 32), (16, 48), (48, 16)])
 def test_orthogonalize_pushes_singular_values_towards_one(shape):
-    from training import orthogonalize
+    from optim import orthogonalize
     # G = U diag(sigma) V^T with singular values spread over a factor of 100
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
@@ -203,3 +204,34 @@ def test_an_empty_file_does_not_leave_a_tokenizer_behind(tmp_path):
                      "--out_dir", str(tmp_path / "x"))
     assert result.returncode == 2 and "empty.txt: file is empty" in result.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+def test_chat_stages_under_torchrun_guard_the_main_process_and_finish_together(tiny_pretrained, tmp_path):
+    """SFT, LoRA and DPO as 2 gloo processes: each trains, only the main process evaluates, prints and
+    writes its files (its summary line appears once), and both processes exit cleanly."""
+    import random
+
+    from conftest import WORDS
+    from data.chat_data import plausible_wrong_answer, preference_pair, read_conversations, synthetic_names, write_jsonl
+    rng = random.Random(0)
+    pairs = [preference_pair(r, w) for r in read_conversations(tiny_pretrained / "train.jsonl")
+             if (w := plausible_wrong_answer(r, rng, WORDS, synthetic_names()))]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs[:60])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = ["--data", str(tiny_pretrained / "train.jsonl"), "--eval_data", str(tiny_pretrained / "eval.jsonl"),
+            "--max_steps", "2", "--eval_interval", "2", "--time_budget", "0", "--batch_size", "4",
+            "--max_new_tokens", "2", "--device", "cpu"]
+    runs = [("full_sft.py", ["--init_from", str(tiny_pretrained / "ckpt"), "--out_dir", str(tmp_path / "sft")],
+             "sft: accuracy"),
+            ("lora.py", ["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "lora"), "--replay", "0",
+                         "--old_eval_data", str(tiny_pretrained / "eval.jsonl")], "lora: new skill"),
+            ("dpo.py", ["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "dpo"),
+                        "--task_data", str(tiny_pretrained / "eval.jsonl"), "--data", str(tmp_path / "pairs.jsonl")],
+             "dpo: held-out preference accuracy")]
+    for script, flags, summary in runs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / script), *flags, *(data if script != "dpo.py" else data[4:])]
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
+        assert result.stdout.count(summary) == 1, f"{script} printed its summary {result.stdout.count(summary)} times"
+        assert json.loads((Path(flags[3]) / "metrics.json").read_text())

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import unicodedata
 from pathlib import Path
@@ -34,7 +33,10 @@ from typing import Sequence
 import numpy as np
 import tiktoken
 
-from .tokenizer import Tokenizer
+from atomic import atomic_write_text
+
+from .bpe import merges_to_vocab
+from .tokenizer import Tokenizer, read_tokenizer_file
 
 FORMAT = "workshop-ranks-v1"   # our save format for an imported vocabulary
 
@@ -197,7 +199,6 @@ class PretrainedTokenizer(Tokenizer):
     def save(self, path) -> None:
         """One JSON file, one base64 token per line (atomically: temp file, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         d = self.to_dict()
         tokens, ids = d.pop("tokens"), d.pop("token_ids")
         contiguous = ids == list(range(len(ids)))   # the usual case: ordinary ids are 0..n-1
@@ -205,9 +206,7 @@ class PretrainedTokenizer(Tokenizer):
             d["token_ids"] = ids
         head = json.dumps(d, ensure_ascii=False, indent=1)[:-2]
         body = ",\n".join(f'  "{t}"' for t in tokens)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f'{head},\n "tokens": [\n{body}\n ]\n}}\n', encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, f'{head},\n "tokens": [\n{body}\n ]\n}}\n')
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainedTokenizer":
@@ -222,7 +221,7 @@ class PretrainedTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path) -> "PretrainedTokenizer":
-        return Tokenizer.load(path)   # Tokenizer.load reads both formats
+        return read_tokenizer_file(path, {FORMAT: cls.from_dict})
 
     def __getstate__(self):
         return self.to_dict()
@@ -413,7 +412,6 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
         ranks, normalization = tokenizer.ranks, tokenizer.normalization
         merges, default_system = merges_from_ranks(ranks), tokenizer.default_system_prompt
     else:   # our own: ids 0..255 are the bytes, then one token per merge
-        from .bpe import merges_to_vocab
         vocab = merges_to_vocab(tokenizer.merges)
         ranks, normalization, default_system = {t: i for i, t in enumerate(vocab)}, None, None
         merges = [(vocab[a], vocab[b]) for a, b in tokenizer.merges]

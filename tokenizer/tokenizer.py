@@ -19,10 +19,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import tiktoken
+
+from atomic import atomic_write_text
 
 from .bpe import N_BYTES, SPLIT_PATTERN, merges_to_vocab, train_bpe
 
@@ -157,41 +159,24 @@ class Tokenizer:
     def save(self, path) -> None:
         """Write one JSON file (atomically: a crash never leaves half a file)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         d = self.to_dict()
         merges = d.pop("merges")
         head = json.dumps(d, ensure_ascii=False, indent=1)[:-2]  # drop the closing "\n}"
         body = ",\n".join(f"  [{a}, {b}]" for a, b in merges)   # one merge per line: readable, diffable
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f'{head},\n "merges": [\n{body}\n ]\n}}\n', encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, f'{head},\n "merges": [\n{body}\n ]\n}}\n')
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tokenizer":
+        specials = sorted(d["special_tokens"].items(), key=lambda kv: kv[1])
+        tok = cls(d["merges"], pattern=d["pattern"], special_tokens=[name for name, _ in specials])
+        if tok.special_ids != d["special_tokens"] or tok.vocab_size != d["vocab_size"]:
+            raise ValueError("special token ids or vocab_size do not match the merges")
+        return tok
 
     @classmethod
     def load(cls, path=DEFAULT_TOKENIZER_PATH) -> "Tokenizer":
-        """Read a file written by `save`; missing or damaged files give a one-line error saying what to do."""
-        path = Path(path)
-        if Path(path).resolve() == DEFAULT_TOKENIZER_PATH:
-            rebuild = "run `python -m tokenizer.train` or `python pretrain.py`"
-        else:
-            rebuild = f"run `python -m tokenizer.train --input FILE... --out {path}`"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: {rebuild}")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(d, dict) and d.get("format") == "workshop-ranks-v1":
-                from .hf import PretrainedTokenizer   # a public model's vocabulary (tokenizer/hf.py)
-                return PretrainedTokenizer.from_dict(d)
-            if not isinstance(d, dict) or d.get("format") != FILE_FORMAT:
-                found = d.get("format") if isinstance(d, dict) else type(d).__name__
-                raise ValueError(f'format is {found!r}, expected "{FILE_FORMAT}"')
-            specials = sorted(d["special_tokens"].items(), key=lambda kv: kv[1])
-            tok = cls(d["merges"], pattern=d["pattern"], special_tokens=[name for name, _ in specials])
-            if tok.special_ids != d["special_tokens"] or tok.vocab_size != d["vocab_size"]:
-                raise ValueError("special token ids or vocab_size do not match the merges")
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-            raise ValueError(f"{path} is not a valid tokenizer file ({reason}): delete it and {rebuild}") from None
-        return tok
+        """Read a file written by `save` (tokenizer.load_tokenizer reads imported vocabularies too)."""
+        return read_tokenizer_file(path, {FILE_FORMAT: cls.from_dict})
 
     # Rebuild from merges when pickled (e.g. sent to DataLoader worker processes).
     def __getstate__(self):
@@ -205,6 +190,29 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, fingerprint={self.fingerprint})"
+
+
+def read_tokenizer_file(path, builders: dict[str, Callable[[dict], Tokenizer]]) -> Tokenizer:
+    """Read a tokenizer JSON file and build it with the builder for its "format".
+
+    A missing or damaged file gives a one-line error saying what to do.
+    """
+    path = Path(path)
+    if path.resolve() == DEFAULT_TOKENIZER_PATH:
+        rebuild = "run `python -m tokenizer.train` or `python pretrain.py`"
+    else:
+        rebuild = f"run `python -m tokenizer.train --input FILE... --out {path}`"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {rebuild}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        found = d.get("format") if isinstance(d, dict) else type(d).__name__
+        if found not in builders:
+            raise ValueError(f"format is {found!r}, expected " + " or ".join(f'"{f}"' for f in builders))
+        return builders[found](d)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise ValueError(f"{path} is not a valid tokenizer file ({reason}): delete it and {rebuild}") from None
 
 
 def _as_int_list(ids) -> list[int]:

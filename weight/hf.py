@@ -1,11 +1,11 @@
 """
 weight/hf.py -- public weights in and out: GPT-2, Qwen2/Qwen2.5 (and Llama) Hugging Face folders.
 
-    python -m weight.hf import /models/Qwen2.5-0.5B-Instruct weight/qwen     # -> a project checkpoint
-    python -m weight.hf export weight/sft /tmp/sft-hf                        # -> a folder transformers loads
-    python -m weight.hf export weight/lora /tmp/lora-hf                      # a LoRA adapter, merged first
+    python -m weight import /models/Qwen2.5-0.5B-Instruct weight/qwen     # -> a project checkpoint
+    python -m weight export weight/sft /tmp/sft-hf                        # -> a folder transformers loads
+    python -m weight export weight/lora /tmp/lora-hf                      # a LoRA adapter, merged first
 
-Every stage also takes such a folder as it is (training.load_checkpoint calls
+Every stage also takes such a folder as it is (weight/checkpoint.py's load_checkpoint calls
 load_hf_checkpoint): `python full_sft.py --init_from /models/Qwen2.5-0.5B-Instruct`.
 
 A Hugging Face model folder holds config.json (the architecture), model.safetensors (or
@@ -27,7 +27,6 @@ does not fit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import fields
@@ -37,7 +36,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import GPT, ModelConfig, merge_lora, rope_tables
+from atomic import atomic_path, atomic_write_text
+from model import GPT, ModelConfig, rope_tables
 from tokenizer.hf import CHAT_TOKENS, PretrainedTokenizer, hf_tokenizer_files, load_hf_tokenizer_files
 
 SUPPORTED = ("gpt2", "qwen2", "llama")
@@ -363,7 +363,7 @@ def load_hf_model(folder, device="cpu", dtype: torch.dtype = torch.float32, hf: 
 
 
 def load_hf_checkpoint(folder, device="cpu", dtype: torch.dtype = torch.float32):
-    """(model, config dict) like training.load_checkpoint, from a Hugging Face folder."""
+    """(model, config dict) like weight/checkpoint.py's load_checkpoint, from a Hugging Face folder."""
     folder = Path(folder)
     hf = read_hf_config(folder)
     tokenizer = tokenizer_for_weights(folder, hf, embedding_rows(SafetensorsReader(folder), hf))
@@ -410,72 +410,13 @@ def export_hf(model: GPT, tokenizer, out_dir, dtype: torch.dtype = torch.float32
     hf = hf_config_from_model(model.config, tokenizer, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in export_state_dict(model).items()}
-    tmp = out_dir / (SINGLE_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)             # safetensors creates it readable by its owner only; the folder is meant to be shared
-    os.replace(tmp, out_dir / SINGLE_FILE)
+    with atomic_path(out_dir / SINGLE_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)         # safetensors creates it readable by its owner only; the folder is meant to be shared
     ids = tokenizer.special_ids
     stop = [ids[t] for t in ("<|im_end|>", "<|endoftext|>") if t in ids]
     files = {"config.json": hf, "generation_config.json": {"bos_token_id": hf["bos_token_id"], "eos_token_id": stop},
              **hf_tokenizer_files(tokenizer, model.config.block_size)}
     for name, content in files.items():
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, json.dumps(content, indent=2, ensure_ascii=False))
     return out_dir
-
-
-# ----------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Import a Hugging Face model folder as a project checkpoint, "
-                                                 "or export a project checkpoint to a Hugging Face folder.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="HF folder -> project checkpoint (model.pt, config.json, tokenizer.json)")
-    imp.add_argument("src", help="folder with config.json, model.safetensors and tokenizer files")
-    imp.add_argument("out", help="project checkpoint folder to write, e.g. weight/qwen")
-    imp.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                     help="dtype of the saved weights; auto = as stored (config.json's torch_dtype)")
-    exp = sub.add_parser("export", help="project checkpoint or LoRA adapter folder -> HF folder")
-    exp.add_argument("src", help="checkpoint folder (weight/sft, weight/lora_merged) or LoRA adapter (weight/lora)")
-    exp.add_argument("out", help="folder to write (config.json, model.safetensors, tokenizer.json, ...)")
-    exp.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of model.safetensors")
-    for p in (imp, exp):
-        p.add_argument("--overwrite", action="store_true", help="replace what is already in out")
-    args = parser.parse_args(argv)
-
-    from training import (ADAPTER_CONFIG, adapter_base, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer,
-                          save_checkpoint)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"{out}/ is not empty: add --overwrite to replace its files, or choose another folder")
-    src = Path(args.src)
-    if args.command == "import":
-        if not is_hf_folder(src):
-            raise FileNotFoundError(f"{src / 'config.json'} is missing or has no model_type: "
-                                    f"not a Hugging Face model folder")
-        hf = read_hf_config(src)
-        dtype = DTYPES.get(args.dtype) or DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), torch.float32)
-        model, config = load_hf_checkpoint(src, "cpu", dtype)
-        save_checkpoint(out, model, {k: v for k, v in config.items() if k != "model"}, load_hf_tokenizer(src))
-        print(f"import: {src}/ ({hf['model_type']}) -> {out}/, weights in {str(dtype).removeprefix('torch.')}\n"
-              f"{model.summary()}")
-        return
-    if (src / ADAPTER_CONFIG).exists():    # a LoRA adapter: fold it into its base first
-        model, config = load_adapted_model(src)
-        merge_lora(model)
-        tokenizer = load_checkpoint_tokenizer(adapter_base(config))
-    else:
-        model, _ = load_checkpoint(src, make_hint="python pretrain.py")
-        tokenizer = load_checkpoint_tokenizer(src)
-    export_hf(model, tokenizer, out, DTYPES[args.dtype])
-    kind = hf_config_from_model(model.config, tokenizer, DTYPES[args.dtype])["architectures"][0]
-    print(f"export: {src}/ -> {out}/ as {kind} ({args.dtype}); load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-
-
-if __name__ == "__main__":
-    from training import main_guard
-    main_guard(main)

@@ -1,0 +1,51 @@
+"""
+atomic.py -- write a file all at once, or not at all.
+
+Every file the project writes (weights, configs, tokenizers, token .bin files, data,
+plots, reports) goes through `atomic_path`: the content is written to a temp file in
+the same folder, and only a complete file is renamed over the real name. A crash or a
+Ctrl-C mid-write leaves the old file as it was, never half a new one. (A rename within
+one folder is atomic on every operating system Python runs on.)
+
+    with atomic_path("weight/sft/model.pt") as tmp:
+        torch.save(state, tmp)
+    atomic_write_text("weight/sft/metrics.json", text)
+
+This module imports nothing from the project, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temp name beside `path`: `name.<process id>.tmp`, so two processes never share one."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path to write to; when the block ends without an error, rename it to `path`.
+
+    On an error the temp file is removed and `path` is left untouched. The folder is created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text (UTF-8) to path, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
