@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from runtime import cpu_has_native_bf16
+
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device):
     """AdamW; weight decay on 2-D weights (matmuls, embeddings), none on biases and norms.
 
@@ -40,20 +42,26 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device):
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     if not use_muon:
         return adamw
-    muon = Muon([{"params": hidden, "lr_ratio": cfg.muon_lr_ratio}], lr=cfg.lr * cfg.muon_lr_ratio)
+    # bf16 where its matmuls are fast (a GPU, a CPU with bf16 instructions); elsewhere bf16 is emulated
+    # and ~10x slower than float32 (it took 70% of a pretraining step on a 2-core AVX2 CPU)
+    fast_bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or \
+        (device.type == "cpu" and cpu_has_native_bf16())
+    muon = Muon([{"params": hidden, "lr_ratio": cfg.muon_lr_ratio}], lr=cfg.lr * cfg.muon_lr_ratio,
+                ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     return OptimizerGroup(adamw, muon)
 
 
 @torch.no_grad()
-def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T for G = U S V^T, by a quintic Newton-Schulz iteration.
 
     X <- a X + (b A + c A^2) X with A = X X^T and (a, b, c) = (3.4445, -4.7750, 2.0315):
     pushes every singular value of X (after scaling it to norm <= 1) towards 1 (into
     about 0.7-1.2 after 5 steps: close enough, and much cheaper than an exact SVD).
+    The iteration tolerates low precision, so it runs in bf16 where that is fast.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = X.size(0) > X.size(1)
     if tall:
         X = X.T                                  # iterate on the wide side: A is the smaller square
@@ -71,8 +79,9 @@ class Muon(torch.optim.Optimizer):
     size, so rare directions learn as fast as common ones. For 2-D hidden matrices only.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, ns_dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum))
+        self.ns_dtype = ns_dtype                 # the precision of the Newton-Schulz iteration
 
     @torch.no_grad()
     def step(self):
@@ -84,7 +93,7 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - group["momentum"])                   # m = beta m + (1 - beta) g
                 update = p.grad.lerp(buf, group["momentum"])               # Nesterov: look one step ahead
                 scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.add_(orthogonalize(update), alpha=-group["lr"] * scale)
+                p.add_(orthogonalize(update, dtype=self.ns_dtype), alpha=-group["lr"] * scale)
 
 
 class OptimizerGroup:
