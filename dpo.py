@@ -77,11 +77,8 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
 
 def answer_logprob(model, x, y):
     """Per row: (sum of log p(y_t | x_<=t) over the answer tokens (y != IGNORE_INDEX), their count), each (B,)."""
-    logits, _ = model(x)                                                      # (B, T, V)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    mask = y != IGNORE_INDEX
-    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)       # (B, T)
-    return (picked * mask).sum(-1), mask.sum(-1)
+    _, nll = model(x, targets=y, reduction="none")                            # (B, T) -log p, 0 where ignored
+    return -nll.sum(-1), (y != IGNORE_INDEX).sum(-1)
 
 
 def encode_pairs(pairs: list[dict], tokenizer, block_size: int):
@@ -155,8 +152,8 @@ def main(argv=None):
     pad_id, block = tokenizer.eot_id, model.config.block_size
 
     # 1. preference pairs: your files (without --eval_data every 20th pair is held out), or generated
-    def generated_pairs():               # from the chat tasks and the SFT model's own answers (main process)
-        paths = DEFAULT_CHAT_DIR / "dpo_train.jsonl", DEFAULT_CHAT_DIR / "dpo_eval.jsonl"
+    def generated_pairs():               # from the chat tasks and this SFT model's own answers, kept with the run
+        paths = Path(cfg.out_dir) / "pairs_train.jsonl", Path(cfg.out_dir) / "pairs_eval.jsonl"
         if rt.is_main:
             for path, pairs in zip(paths, default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed)):
                 write_jsonl(path, pairs)

@@ -386,7 +386,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, reduction: str = "mean",
                 pad_lengths: Optional[torch.Tensor] = None, last_only: bool = False):
-        """idx (B, T) token ids -> logits (B, T, V) and, if targets (B, T) are given, the loss.
+        """idx (B, T) token ids -> (logits (B, T, V), None); with targets (B, T): (None, loss).
 
         Targets equal to IGNORE_INDEX (-100) do not count. reduction="none" returns the
         loss per position (B, T) (0 where ignored), for bits-per-byte and log-prob sums.
@@ -426,17 +426,29 @@ class GPT(nn.Module):
         return self.head_and_loss(x, targets, reduction)
 
     def head_and_loss(self, x: torch.Tensor, targets: Optional[torch.Tensor], reduction: str = "mean"):
-        """Final norm and output head: x (B, T, C) -> logits (B, T, V), and the cross-entropy on targets."""
-        logits = self.lm_head(self.final_norm(x))                        # (B, T, V)
+        """Final norm and output head: x (B, T, C) -> logits (B, T, V); or, given targets (B, T), the
+        cross-entropy (logits None: the loss is all training needs).
+
+        Only the positions whose target counts go through the head: in SFT that is a fifth of
+        them, and the head's V-wide matmul and softmax are a third of the work. (Under
+        torch.compile all positions do, with the same result: the compiled graph keeps one shape.)
+        """
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+            return self.lm_head(self.final_norm(x)), None
+        if torch.compiler.is_compiling():
+            scored_x, scored_targets = x, targets
+        else:
+            scored = targets != IGNORE_INDEX                             # (B, T)
+            scored_x, scored_targets = x[scored], targets[scored]        # (N, C), (N,)
+        logits = self.lm_head(self.final_norm(scored_x))                 # (N, V) or (B, T, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), scored_targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction=reduction)
-        if reduction == "none":
-            loss = loss.view(targets.shape)
+        if reduction == "none":                                          # per position (B, T), 0 where ignored
+            loss = loss.view(targets.shape) if scored_x is x else \
+                torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device).masked_scatter(scored, loss)
         elif self.training and self.config.n_experts:
             loss = loss + self.config.aux_loss_coef * moe_aux_loss(self)   # keep the experts evenly loaded
-        return logits, loss
+        return None, loss
 
     def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         p = next(self.parameters())
@@ -691,7 +703,7 @@ class Seq2Seq(GPT):
                 targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
                 source: Optional[EncodedSource] = None, reduction: str = "mean", last_only: bool = False):
         """src (B, S) source ids (left-padded by pad_lengths), tgt (B, T) decoder inputs ->
-        logits (B, T, V) and the loss on targets (B, T).
+        (logits (B, T, V), None), or with targets (B, T): (None, loss), as GPT.forward.
 
         source: encode_source(src) computed before (generation passes it, so the encoder runs once).
         """

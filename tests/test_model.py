@@ -24,9 +24,10 @@ def tiny(**overrides) -> GPT:
 def test_forward_shapes_and_loss(variant):
     model = tiny(**FLAVOURS[variant])
     x, targets = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
-    logits, loss = model(x, targets)
-    assert logits.shape == (3, 16, 97)
-    assert loss.shape == () and torch.isfinite(loss)
+    logits, none = model(x)
+    assert logits.shape == (3, 16, 97) and none is None
+    no_logits, loss = model(x, targets)                  # with targets: the loss only
+    assert no_logits is None and loss.shape == () and torch.isfinite(loss)
     # an untrained model is close to uniform: loss near ln(97)
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
 
@@ -61,6 +62,20 @@ def test_greedy_generation_same_with_and_without_cache(variant):
     without = generate(model, prompt, 12, temperature=0, use_cache=False)   # the engine, recomputing every step
     assert with_cache.shape == (2, 17)
     assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("variant", FLAVOURS)
+def test_the_head_on_scored_positions_only_gives_the_full_cross_entropy(variant):
+    model = tiny(**FLAVOURS[variant])
+    x, targets = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    targets[0, :10] = IGNORE_INDEX
+    targets[2, 5:] = IGNORE_INDEX
+    logits, _ = model(x)                                 # every position through the head
+    full = torch.nn.functional.cross_entropy(logits.view(-1, 97), targets.view(-1), reduction="none").view(3, 16)
+    _, per_position = model(x, targets, reduction="none")
+    assert torch.allclose(per_position, full, atol=1e-5) and (per_position[targets == IGNORE_INDEX] == 0).all()
+    _, mean = model(x, targets)
+    assert torch.allclose(mean, full[targets != IGNORE_INDEX].mean(), atol=1e-6)
 
 
 def test_ignored_targets_do_not_count():
