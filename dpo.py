@@ -81,18 +81,18 @@ def answer_logprob(model, x, y):
     return -nll.sum(-1), (y != IGNORE_INDEX).sum(-1)
 
 
-def encode_pairs(pairs: list[dict], tokenizer, block_size: int):
-    """Each pair -> (chosen x, y) and (rejected x, y); targets only on the final answer."""
+def encode_pairs(pairs: list[dict], tokenizer, block_size: int, verbose: bool = True):
+    """Each pair -> (chosen x, y) and (rejected x, y); targets only on the final answer (the two
+    sides share everything before it, so only the answers are compared)."""
     def encode(messages):
-        ids, mask = render_chat(messages, tokenizer)
-        last_answer_start = len(ids) - 1 - ids[::-1].index(tokenizer.im_start_id)
-        mask = [m if i > last_answer_start else 0 for i, m in enumerate(mask)]   # only the last answer counts
-        x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-        y[torch.tensor(mask[1:]) == 0] = IGNORE_INDEX
-        return x, y
+        ids, answer_mask = render_chat(messages, tokenizer)
+        last_answer = len(render_chat(messages[:-1], tokenizer, add_generation_prompt=True)[0])  # where it starts
+        x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])                    # (T,) each
+        counts = torch.tensor(answer_mask[1:], dtype=torch.bool) & (torch.arange(len(y)) >= last_answer - 1)
+        return x, y.masked_fill(~counts, IGNORE_INDEX)
     encoded = [(encode(p["chosen"]), encode(p["rejected"])) for p in pairs]
     kept = [e for e in encoded if max(len(e[0][0]), len(e[1][0])) <= block_size]
-    if len(kept) < len(encoded):
+    if len(kept) < len(encoded) and verbose:
         print(f"dpo: skipped {len(encoded) - len(kept)} pairs longer than the context of {block_size} tokens")
     return kept
 
@@ -113,7 +113,8 @@ def pair_logprobs(model, encoded, batch_size: int, pad_id: int, device):
     return chosen, rejected
 
 
-def default_pairs(model, tokenizer, on_policy: int, max_pairs: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def default_pairs(model, tokenizer, on_policy: int, max_pairs: int, seed: int = 0,
+                  max_new_tokens: int = 32) -> tuple[list[dict], list[dict]]:
     """Training and held-out pairs from the chat tasks: plausible wrong answers + the model's own mistakes."""
     rng = random.Random(seed)
     words, names = default_words(), synthetic_names()
@@ -131,7 +132,7 @@ def default_pairs(model, tokenizer, on_policy: int, max_pairs: int, seed: int = 
 
     train_pairs, eval_pairs = plausible(train_records), plausible(eval_records)
     asked = rng.sample(train_records, min(on_policy, len(train_records)))
-    answers = greedy_answers(model, tokenizer, [r["conversations"] for r in asked])
+    answers = greedy_answers(model, tokenizer, [r["conversations"] for r in asked], max_new_tokens)
     own = [preference_pair(r, a) for r, a in zip(asked, answers)
            if a.strip() != r["conversations"][-1]["content"].strip() and a.strip()]
     print(f"dpo: {len(train_pairs):,} plausible-wrong pairs + {len(own):,} on-policy pairs (the SFT model's own "
@@ -155,19 +156,21 @@ def main(argv=None):
     def generated_pairs():               # from the chat tasks and this SFT model's own answers, kept with the run
         paths = Path(cfg.out_dir) / "pairs_train.jsonl", Path(cfg.out_dir) / "pairs_eval.jsonl"
         if rt.is_main:
-            for path, pairs in zip(paths, default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed)):
+            generated = default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed, cfg.max_new_tokens)
+            for path, pairs in zip(paths, generated):
                 write_jsonl(path, pairs)
         return paths
     train_pairs, eval_pairs, _, _ = rt.main_first(
-        lambda: stage_data(read_preference_pairs, cfg.data, cfg.eval_data, generated_pairs))
-    train, held_out = encode_pairs(train_pairs, tokenizer, block), encode_pairs(eval_pairs, tokenizer, block)
+        lambda: stage_data(read_preference_pairs, cfg.data, cfg.eval_data, generated_pairs, verbose=rt.is_main))
+    train = encode_pairs(train_pairs, tokenizer, block, verbose=rt.is_main)
+    held_out = encode_pairs(eval_pairs, tokenizer, block, verbose=rt.is_main)
 
     # 2. the reference is the starting model: its log-probs are computed once, before training
     # (in the same precision as training and evaluation, so that at step 0 every margin is exactly 0)
     model.eval()
     with rt.autocast():
-        ref_train = pair_logprobs(model, train, cfg.batch_size, pad_id, rt.device)
-        ref_eval = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
+        ref_chosen, ref_rejected = pair_logprobs(model, train, cfg.batch_size, pad_id, rt.device)   # (N,) each
+        ref_eval_chosen, ref_eval_rejected = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
     # task accuracy: on the held-out conversations the model was fine-tuned for (its config.json names them)
     task_records = list(read_conversations(cfg.task_data)) if cfg.task_data else sft_data_of(ckpt_config)[1]
     if rt.is_main:
@@ -180,12 +183,12 @@ def main(argv=None):
         rows = torch.tensor(similar_length_rows(lengths, cfg.batch_size, generator))   # random pairs, little padding
         xc, yc = collate([train[i][0] for i in rows.tolist()], pad_id)
         xr, yr = collate([train[i][1] for i in rows.tolist()], pad_id)
-        return xc, yc, xr, yr, ref_train[0][rows], ref_train[1][rows]
+        return xc, yc, xr, yr, ref_chosen[rows], ref_rejected[rows]
 
     def compute_loss(policy, batch):     # policy: the model being trained (DDP-wrapped when distributed)
         xc, yc, xr, yr, ref_c, ref_r = batch
         pi_c, n_c = answer_logprob(policy, xc, yc)
-        aux_chosen = moe_aux_loss(model)     # a Mixture of Experts' balance loss of that forward pass (0 if dense)
+        aux_chosen = moe_aux_loss(model)     # MoE: the balance loss of the chosen pass, read before the next pass
         pi_r, _ = answer_logprob(policy, xr, yr)
         loss, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta)
         sft = -(pi_c / n_c.clamp(min=1)).mean()                               # mean NLL per chosen token
@@ -194,14 +197,20 @@ def main(argv=None):
             total = total + model.config.aux_loss_coef * (aux_chosen + moe_aux_loss(model)) / 2
         return total
 
-    # periodic evaluations may score only the first pairs (--eval_tokens answer tokens); the final one scores all
-    answer_tokens = torch.tensor([int((c[1] != IGNORE_INDEX).sum() + (r[1] != IGNORE_INDEX).sum())
-                                  for c, r in held_out]).cumsum(0)
+    # periodic evaluations may score only the first pairs, up to --eval_tokens answer tokens; the final one all
+    answer_tokens = [int((c[1] != IGNORE_INDEX).sum() + (r[1] != IGNORE_INDEX).sum()) for c, r in held_out]
+
+    def pairs_within(max_tokens) -> int:
+        n, total = 0, 0
+        while n < len(held_out) and (not max_tokens or total < max_tokens):
+            total += answer_tokens[n]
+            n += 1
+        return n
 
     def evaluate(scored, max_tokens):
-        n = len(held_out) if not max_tokens else min(len(held_out), int((answer_tokens < max_tokens).sum()) + 1)
+        n = pairs_within(max_tokens)
         pi_chosen, pi_rejected = pair_logprobs(scored, held_out[:n], cfg.batch_size, pad_id, rt.device)
-        loss, margin = dpo_loss(pi_chosen, pi_rejected, ref_eval[0][:n], ref_eval[1][:n], cfg.beta)
+        loss, margin = dpo_loss(pi_chosen, pi_rejected, ref_eval_chosen[:n], ref_eval_rejected[:n], cfg.beta)
         # a pair counts as preferred when its reward margin is positive
         return {"val_loss": loss.mean().item(), "preference_accuracy": (margin > 0).float().mean().item(),
                 "reward_margin": margin.mean().item()}

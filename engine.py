@@ -38,8 +38,7 @@ from flags import arg
 from runtime import resolve_device
 from tokenizer import load_tokenizer
 from tokenizer.chat import render_chat
-from weight.checkpoint import (adapter_base, check_tokenizer_matches, load_adapted_model, load_checkpoint,
-                               load_checkpoint_tokenizer)
+from weight.checkpoint import check_tokenizer_matches, load_model
 
 CHAT_STAGES = ("sft", "dpo", "lora", "lora_merged")     # checkpoints that expect the chat template
 MAKE_COMMANDS = {"pretrain": "python pretrain.py", "sft": "python full_sft.py", "dpo": "python dpo.py",
@@ -83,7 +82,7 @@ class SamplingParams:
             raise ValueError(f"{flag_prefix}stop strings must be non-empty text, got {list(self.stop)}")
         return self
 
-    def model_kwargs(self) -> dict:
+    def decode_kwargs(self) -> dict:
         """The keyword arguments of decode_tokens."""
         return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p,
                     min_p=self.min_p or None, repetition_penalty=self.repetition_penalty,
@@ -143,14 +142,14 @@ def next_logits_fn(model, idx: torch.Tensor, pad_lengths: Optional[torch.Tensor]
                    use_cache: bool = True):
     """How the decoding loop runs the model on prompts idx (B, T), left-padded by pad_lengths (B,).
 
-    Returns (next_logits, start, seen_pad_lengths): next_logits(sequence, step_input) -> logits
+    Returns (next_logits, start, unseen_lengths (B,)): next_logits(sequence, step_input) -> logits
     (B, V) of the next token, given everything so far (B, t) and what is new since the last
     call (the whole start first, then one token); start (B, n) is what decoding begins from.
     With the cache the model sees only the new tokens (prefill, then one per step); without
     it the whole sequence again every step (slow; for comparison).
     A decoder-only model starts from the prompt itself. An encoder-decoder model reads the
     prompt once with its encoder and starts decoding from its start token, which does not
-    count as seen for the repetition penalty (seen_pad_lengths 1).
+    count as seen for the repetition penalty (unseen_lengths 1).
     """
     B = idx.shape[0]
     if pad_lengths is not None and not bool(pad_lengths.any()):
@@ -192,9 +191,9 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = Tr
         raise ValueError(f"prompt of {idx.shape[1]} tokens does not fit the context of "
                          f"{model.config.block_size} tokens: shorten it")
     max_new_tokens = min(max_new_tokens, room)
-    next_logits, start, seen_pad_lengths = next_logits_fn(model, idx, pad_lengths, max_new_tokens, use_cache)
+    next_logits, start, unseen_lengths = next_logits_fn(model, idx, pad_lengths, max_new_tokens, use_cache)
     new = [t.unsqueeze(1) for t in decode_tokens(next_logits, start, max_new_tokens, model.config.vocab_size,
-                                                 seen_pad_lengths=seen_pad_lengths, **sampling)]
+                                                 unseen_lengths=unseen_lengths, **sampling)]
     if seq2seq:
         return torch.cat(new, dim=1) if new else idx.new_zeros((idx.shape[0], 0))
     return torch.cat([idx] + new, dim=1)
@@ -205,20 +204,21 @@ def decode_tokens(next_logits: Callable, start: torch.Tensor, max_new_tokens: in
                   temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   min_p: Optional[float] = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
                   presence_penalty: float = 0.0, stop_tokens: tuple = (), generator: Optional[torch.Generator] = None,
-                  seen_pad_lengths: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+                  unseen_lengths: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
     """The sampling loop: yield one new token per row (B,) per step.
 
     next_logits(sequence, step_input) -> logits (B, V) for the next position (see
-    next_logits_fn). The tokens of `start` (minus left padding, seen_pad_lengths) count as
-    already seen for the repetition penalty. A row is done at its first stop token (its later
+    next_logits_fn). The tokens of `start` count as already seen for the repetition penalty,
+    except the first unseen_lengths (B,) of each row: left padding, or an encoder-decoder's
+    start token. A row is done at its first stop token (its later
     tokens mean nothing); the loop ends when every row is done or after max_new_tokens.
     """
     B, T = start.shape
     penalize = repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
     if penalize:
         real = torch.ones_like(start, dtype=torch.float32)           # (B, T): 1 = a real prompt token
-        if seen_pad_lengths is not None:
-            real = (torch.arange(T, device=start.device) >= seen_pad_lengths.view(B, 1)).float()
+        if unseen_lengths is not None:
+            real = (torch.arange(T, device=start.device) >= unseen_lengths.view(B, 1)).float()
         seen = torch.zeros(B, vocab_size, device=start.device).scatter_add_(1, start, real) > 0   # (B, V)
         counts = torch.zeros(B, vocab_size, device=start.device)     # (B, V) times generated
     finished = torch.zeros(B, dtype=torch.bool, device=start.device)
@@ -397,21 +397,14 @@ class Engine:
         """Load a checkpoint (or a LoRA adapter on its base) and its tokenizer, as cfg says."""
         device = resolve_device(cfg.device)
         ckpt = cfg.init_from or cfg.ckpt
-        if cfg.lora:   # the adapter names its base checkpoint; the tokenizer is the base's
-            model, ckpt_config = load_adapted_model(cfg.lora, device)
-            ckpt, ckpt_config["stage"] = adapter_base(ckpt_config), "lora"
-            name = Path(cfg.lora).name
-        else:
-            model, ckpt_config = load_checkpoint(ckpt, device, make_hint=MAKE_COMMANDS.get(
-                Path(ckpt).name, "python pretrain.py"))
-            name = Path(ckpt).resolve().name
+        model, tokenizer, ckpt_config, folder = load_model(
+            ckpt, cfg.lora, device, make_hint=MAKE_COMMANDS.get(Path(ckpt).name, "python pretrain.py"))
+        name = Path(cfg.lora).name if cfg.lora else Path(ckpt).resolve().name
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
         model = model.to(getattr(torch, dtype))
         if cfg.tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer)
-        else:
-            tokenizer = load_checkpoint_tokenizer(ckpt)
-        check_tokenizer_matches(ckpt_config, tokenizer, ckpt)
+        check_tokenizer_matches(ckpt_config, tokenizer, folder)
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {ckpt} expects "
                              f"{model.config.vocab_size}: use the checkpoint's own tokenizer.json")
@@ -477,11 +470,11 @@ class Engine:
         idx, pad_lengths = left_pad(prompts, self.tokenizer.eot_id, self.device)      # (B, T), (B,)
         self.stats = Stats(prompt_tokens=sum(len(p) for p in prompts))
         start = time.perf_counter()
-        next_logits, begin, seen_pad_lengths = next_logits_fn(self.model, idx, pad_lengths, max(limits), use_cache)
+        next_logits, begin, unseen_lengths = next_logits_fn(self.model, idx, pad_lengths, max(limits), use_cache)
         tokens = decode_tokens(next_logits, begin, max(limits), self.model.config.vocab_size,
-                               stop_tokens=self.stop_tokens, seen_pad_lengths=seen_pad_lengths,
+                               stop_tokens=self.stop_tokens, unseen_lengths=unseen_lengths,
                                generator=generator if generator is not None else self.generator(params.seed),
-                               **params.model_kwargs())
+                               **params.decode_kwargs())
         try:
             for step, next_tokens in enumerate(tokens):
                 if step == 0:

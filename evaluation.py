@@ -39,7 +39,7 @@ from model import IGNORE_INDEX
 from runtime import resolve_device
 from scoring import exact_match_report, format_report
 from tokenizer.chat import render_chat
-from weight.checkpoint import ROOT, adapter_base, load_adapted_model, load_checkpoint, load_checkpoint_tokenizer
+from weight.checkpoint import ROOT, load_model
 
 DEFAULT_EVAL_DATA = DEFAULT_CHAT_DIR / "sft_eval.jsonl"
 
@@ -166,13 +166,8 @@ def evaluate_checkpoint(model, tokenizer, tasks: str = "all", data: str | Path =
 
 def main(argv=None):
     cfg = parse_config(EvalConfig, __doc__.split("\n\n")[0].strip(), argv)
-    device = resolve_device(cfg.device)
-    if cfg.lora:
-        model, adapter_config = load_adapted_model(cfg.lora, device)
-        tokenizer, name = load_checkpoint_tokenizer(adapter_base(adapter_config)), cfg.lora
-    else:
-        model, _ = load_checkpoint(cfg.ckpt, device, make_hint="python full_sft.py")
-        tokenizer, name = load_checkpoint_tokenizer(cfg.ckpt), cfg.ckpt
+    model, tokenizer, _, _ = load_model(cfg.ckpt, cfg.lora, resolve_device(cfg.device), make_hint="python full_sft.py")
+    name = cfg.lora or cfg.ckpt
     report = evaluate_checkpoint(model, tokenizer, cfg.tasks, cfg.data, cfg.choice_data, cfg.max_new_tokens)
     if "chat" in report:
         print(f"{name}: {format_report(report['chat'])}")

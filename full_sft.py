@@ -75,10 +75,10 @@ def main(argv=None):
 
     # 2. data: your files (without --eval_data every 20th conversation is held out), or the generated tasks
     train_records, eval_records, train_path, eval_path = rt.main_first(
-        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_data))
+        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_data, verbose=rt.is_main))
     # a decoder-only model reads a conversation as one sequence; an encoder-decoder one as (source, answer)
-    train = chat_examples(train_records, tokenizer, model.config, train_path)
-    held_out = chat_examples(eval_records, tokenizer, model.config, eval_path or train_path)
+    train = chat_examples(train_records, tokenizer, model.config, train_path, verbose=rt.is_main)
+    held_out = chat_examples(eval_records, tokenizer, model.config, eval_path or train_path, verbose=rt.is_main)
     collate = chat_collate(model.config, tokenizer)
     if rt.is_main:
         print(model.summary())

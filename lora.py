@@ -38,42 +38,9 @@ from model import IGNORE_INDEX
 from runtime import finish, setup_runtime
 from scoring import answer_loss_evaluator, task_accuracy
 from training import TrainConfig, check_train_config, run_training, write_metrics
-from weight.checkpoint import (ADAPTER_FILE, WEIGHTS_FILE, adapter_base, load_adapted_model, load_checkpoint,
-                               load_checkpoint_tokenizer, save_adapter, save_checkpoint, weights_checksum)
-
-
-@dataclass
-class LoRAConfig(TrainConfig):
-    data: str = arg("", "training conversations for the new skill (.jsonl); empty = the generated 'first word' skill")
-    eval_data: str = arg("", "held-out conversations of the new skill; empty = every 20th of --data (or the "
-                             "default ones)")
-    old_eval_data: str = arg("", "held-out conversations of the old skills (forgetting check); empty = the "
-                                 "base's SFT held-out set")
-    replay_data: str = arg("", "old skills' conversations to replay (--replay); empty = the base's SFT data")
-    lora_name: str = arg("first_word", "a name for the adapter, stored in adapter_config.json")
-    rank: int = arg(8, "r: rank of the update B A")
-    alpha: float = arg(16.0, "scaling: the update is multiplied by alpha / r")
-    target_modules: tuple = arg(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                                "linear layers (by name ending) that get an adapter", nargs="+", type=str)
-    replay: float = arg(0.2, "share of each batch drawn from the old skills' training data (limits forgetting)")
-    merge: bool = arg(False, "fold the adapter in out_dir into its base and write a full checkpoint")
-    merged_dir: str = arg("", "where --merge writes ('' = out_dir + '_merged')")
-    force: bool = arg(False, "let --merge replace an existing folder")
-    epochs: float = arg(0.0, "passes over the training data (0 = use max_steps / time_budget)")
-    max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
-    optimizer: str = arg("adamw", "adamw only: Muon orthogonalizes full weight matrices, not low-rank factors",
-                         choices=["adamw"])
-    # the shared training flags, with this stage's defaults
-    init_from: str = "weight/sft"
-    out_dir: str = "weight/lora"
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    batch_size: int = 32
-    max_steps: int = 1000
-    time_budget: float = 90.0
-    warmup_steps: int = 10
-    eval_interval: int = 100
-    eval_tokens: int = 8192
+from weight.checkpoint import (ADAPTER_FILE, WEIGHTS_FILE, adapted_layers, load_adapted_model, load_checkpoint,
+                               load_checkpoint_tokenizer, load_model, save_adapter, save_checkpoint,
+                               weights_checksum)
 
 
 # ----------------------------------------------------------------------------------
@@ -122,13 +89,11 @@ def add_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: floa
     (e.g. "q_proj", "v_proj") in a LoRALinear. Returns the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and any(full.endswith(t) for t in target_modules):
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
-                wrapped.append(full)
+    wrapped = adapted_layers(model, target_modules)
+    for name in wrapped:
+        parent, _, child = name.rpartition(".")
+        module = model.get_submodule(parent)
+        setattr(module, child, LoRALinear(getattr(module, child), rank, alpha))
     if not wrapped:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"--target_modules {target_modules} matched no linear layer; choose from {names}")
@@ -156,6 +121,40 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # Training and merging
 
 
+@dataclass
+class LoRAConfig(TrainConfig):
+    data: str = arg("", "training conversations for the new skill (.jsonl); empty = the generated 'first word' skill")
+    eval_data: str = arg("", "held-out conversations of the new skill; empty = every 20th of --data (or the "
+                             "default ones)")
+    old_eval_data: str = arg("", "held-out conversations of the old skills (forgetting check); empty = the "
+                                 "base's SFT held-out set")
+    replay_data: str = arg("", "old skills' conversations to replay (--replay); empty = the base's SFT data")
+    lora_name: str = arg("first_word", "a name for the adapter, stored in adapter_config.json")
+    rank: int = arg(8, "r: rank of the update B A")
+    alpha: float = arg(16.0, "scaling: the update is multiplied by alpha / r")
+    target_modules: tuple = arg(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                "linear layers (by name ending) that get an adapter", nargs="+", type=str)
+    replay: float = arg(0.2, "share of each batch drawn from the old skills' training data (limits forgetting)")
+    merge: bool = arg(False, "fold the adapter in out_dir into its base and write a full checkpoint")
+    merged_dir: str = arg("", "where --merge writes ('' = out_dir + '_merged')")
+    force: bool = arg(False, "let --merge replace an existing folder")
+    epochs: float = arg(0.0, "passes over the training data (0 = use max_steps / time_budget)")
+    max_new_tokens: int = arg(32, "longest answer generated when measuring accuracy")
+    optimizer: str = arg("adamw", "adamw only: Muon orthogonalizes full weight matrices, not low-rank factors",
+                         choices=["adamw"])
+    # the shared training flags, with this stage's defaults
+    init_from: str = "weight/sft"
+    out_dir: str = "weight/lora"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    batch_size: int = 32
+    max_steps: int = 1000
+    time_budget: float = 90.0
+    warmup_steps: int = 10
+    eval_interval: int = 100
+    eval_tokens: int = 8192
+
+
 def default_skill_data(out_dir: Path = DEFAULT_CHAT_DIR) -> tuple[Path, Path]:
     """The new skill ("which word comes first?"), never in the SFT data, with held-out words."""
     train, held_out = out_dir / f"lora_{NEW_SKILL}_train.jsonl", out_dir / f"lora_{NEW_SKILL}_eval.jsonl"
@@ -170,8 +169,7 @@ def merge_command(cfg: LoRAConfig):
     out = Path(cfg.merged_dir or cfg.out_dir.rstrip("/") + "_merged")
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise ValueError(f"{out}/ already exists: add --force to replace it, or choose --merged_dir")
-    model, config = load_adapted_model(cfg.out_dir)        # the base with W + (alpha / r) B A folded in
-    tokenizer = load_checkpoint_tokenizer(adapter_base(config))
+    model, tokenizer, config, _ = load_model(lora=cfg.out_dir)   # the base with W + (alpha / r) B A folded in
     save_checkpoint(out, model, {"tokenizer": config["tokenizer"], "stage": "lora_merged",
                                  "lora": config["lora"], "init_from": config["init_from"]}, tokenizer)
     print(f"lora: merged {cfg.out_dir}/ into {config['init_from']}/ -> {out}/ (a full checkpoint)")
@@ -192,16 +190,17 @@ def main(argv=None):
 
     # 2. data: the new skill, plus a replay of old skills, plus held-out sets for both
     new_records, eval_records, train_path, eval_path = rt.main_first(
-        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_skill_data))
+        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_skill_data, verbose=rt.is_main))
     # the old skills: what the base was fine-tuned on (its config.json names the files), unless given
     old_train_records, old_eval_records, old_where = sft_data_of(base_config)
     if cfg.replay_data:
         old_train_records, old_where = list(read_conversations(cfg.replay_data)), cfg.replay_data
     if cfg.old_eval_data:
         old_eval_records = list(read_conversations(cfg.old_eval_data))
-    new = chat_examples(new_records, tokenizer, model.config, train_path)
-    old = chat_examples(old_train_records, tokenizer, model.config, old_where) if cfg.replay > 0 else []
-    held_out = chat_examples(eval_records, tokenizer, model.config, eval_path or train_path)
+    new = chat_examples(new_records, tokenizer, model.config, train_path, verbose=rt.is_main)
+    old = chat_examples(old_train_records, tokenizer, model.config, old_where, verbose=rt.is_main) \
+        if cfg.replay > 0 else []
+    held_out = chat_examples(eval_records, tokenizer, model.config, eval_path or train_path, verbose=rt.is_main)
     if cfg.replay > 0 and rt.is_main:
         print(f"replay: {cfg.replay:.0%} of each batch from {len(old):,} conversations of {old_where}" if old else
               "replay: off (no SFT data of the base found; --replay_data names the old skills' training data)")
@@ -225,12 +224,16 @@ def main(argv=None):
         new_per_batch = cfg.batch_size * (1 - cfg.replay) if old else cfg.batch_size
         cfg.max_steps, cfg.time_budget = max(1, round(cfg.epochs * len(new) / new_per_batch)), 0.0
 
-    new_lengths, old_lengths = (torch.tensor([sum(len(t) for t in e) for e in examples]) for examples in (new, old))
+    def sizes(examples):                                 # (N,) tokens per example, to batch similar lengths
+        return torch.tensor([sum(len(t) for t in example) for example in examples])
+    new_lengths, old_lengths = sizes(new), sizes(old)
 
     def next_batch(generator):
+        # each row is an old skill's conversation with probability --replay, else the new skill's
         n_old = int((torch.rand(cfg.batch_size, generator=generator) < cfg.replay).sum()) if old else 0
         rows = [new[i] for i in similar_length_rows(new_lengths, cfg.batch_size - n_old, generator)]
-        rows += [old[i] for i in similar_length_rows(old_lengths, n_old, generator)] if n_old else []
+        if n_old:
+            rows += [old[i] for i in similar_length_rows(old_lengths, n_old, generator)]
         return collate(rows)
 
     def answer_loss(model, batch):                       # as in SFT: the answers only

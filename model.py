@@ -224,7 +224,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.o_proj.is_residual_projection = True
         self.use_rope = config.position == "rope"
-        self.dropout = config.dropout
+        self.dropout_p = config.dropout                # a probability: attention dropout happens inside the kernel
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None):
         """attn_mask (B, 1, T, S) bool, True = may attend: given for left-padded batches
@@ -245,7 +245,7 @@ class Attention(nn.Module):
         # grouped-query attention: each group of H/Hkv query heads shares one key/value head;
         # enable_gqa lets the kernel do that without copying k and v H/Hkv times
         gqa = self.n_kv_head != self.n_head
-        p_drop = self.dropout if self.training else 0.0     # training never uses a KV cache
+        p_drop = self.dropout_p if self.training else 0.0     # training never uses a KV cache
         if attn_mask is not None:
             # left-padded batch: causal, and no query ever sees a padding key (an encoder
             # passes a padding-only mask: bidirectional)
@@ -426,26 +426,20 @@ class GPT(nn.Module):
         return self.head_and_loss(x, targets, reduction)
 
     def head_and_loss(self, x: torch.Tensor, targets: Optional[torch.Tensor], reduction: str = "mean"):
-        """Final norm and output head: x (B, T, C) -> logits (B, T, V); or, given targets (B, T), the
-        cross-entropy (logits None: the loss is all training needs).
-
-        Only the positions whose target counts go through the head: in SFT that is a fifth of
-        them, and the head's V-wide matmul and softmax are a third of the work. (Under
-        torch.compile all positions do, with the same result: the compiled graph keeps one shape.)
-        """
+        """Final norm and output head: x (B, T, C) -> (logits (B, T, V), None); given targets (B, T),
+        (None, the cross-entropy): training needs only the loss."""
         if targets is None:
             return self.lm_head(self.final_norm(x)), None
-        if torch.compiler.is_compiling():
-            scored_x, scored_targets = x, targets
-        else:
-            scored = targets != IGNORE_INDEX                             # (B, T)
-            scored_x, scored_targets = x[scored], targets[scored]        # (N, C), (N,)
-        logits = self.lm_head(self.final_norm(scored_x))                 # (N, V) or (B, T, V)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), scored_targets.reshape(-1),
+        scored = targets != IGNORE_INDEX                                 # (B, T)
+        if not torch.compiler.is_compiling() and not scored.all():
+            # only the positions that count go through the head (its V-wide matmul is costly)
+            x, targets = x[scored], targets[scored]                      # (N, C), (N,)
+        logits = self.lm_head(self.final_norm(x))                        # (B, T, V) or (N, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction=reduction)
         if reduction == "none":                                          # per position (B, T), 0 where ignored
-            loss = loss.view(targets.shape) if scored_x is x else \
-                torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device).masked_scatter(scored, loss)
+            loss = torch.zeros(scored.shape, dtype=loss.dtype, device=loss.device).masked_scatter(scored, loss) \
+                if targets.dim() == 1 else loss.view(scored.shape)
         elif self.training and self.config.n_experts:
             loss = loss + self.config.aux_loss_coef * moe_aux_loss(self)   # keep the experts evenly loaded
         return None, loss
@@ -620,7 +614,7 @@ class CrossAttention(Attention):
             q = apply_rope(q, *rope)
         k, v = source_kv
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask, enable_gqa=self.n_kv_head != self.n_head,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -102,7 +102,7 @@ def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Te
                 nats += loss.float().sum().item()
                 n_tokens += targets.numel()
                 n_bytes += token_bytes[targets].sum().item()
-            suffix = name[len("val"):]                            # "", "_en", "_zh"
+            suffix = name.removeprefix("val")                     # "", "_en", "_zh"
             metrics[f"val_loss{suffix}"] = nats / n_tokens
             metrics[f"val_bpb{suffix}"] = nats / math.log(2) / max(n_bytes, 1)
             totals["nats"] += nats
@@ -153,15 +153,20 @@ def main(argv=None):
               + f"; {cfg.batch_size * cfg.grad_accum * rt.world_size * block_size:,} tokens per step"
               + f" on {rt.device} ({str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es))")
 
-    # 3. train: random windows of the text, every token predicting the next one (x, y = x shifted by one)
+    # 3. train: random windows of the text (x, y = x shifted by one token), the loss on every next token
     def next_batch(generator):
         return to_batch(*train_data.random_batch(cfg.batch_size, block_size, generator))
+
+    def next_token_loss(model, batch):
+        *inputs, targets = batch                 # (x,) or an encoder-decoder's (source, decoder input); (B, T)
+        return model(*inputs, targets=targets)[1]
 
     token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.long, device=rt.device)
     evaluate = bits_per_byte_evaluator(val_bins, token_bytes, block_size, cfg.batch_size * 2, rt.device, to_batch)
     meta = {"tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
             "data": [str(p) for p in cfg.data] or "default"}
-    result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="pretrain")
+    result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="pretrain",
+                          compute_loss=next_token_loss)
 
     # 4. final numbers: the saved (best) weights on all of the validation text
     if rt.is_main:
@@ -169,13 +174,14 @@ def main(argv=None):
         best.to(rt.device).eval()
         with torch.no_grad(), rt.autocast():
             final = evaluate(best, None)
-        metrics = {**final, "val_bpb_en": final.get("val_bpb_en"), "val_bpb_zh": final.get("val_bpb_zh"),  # fixed keys
+        metrics = {"val_bpb_en": None, "val_bpb_zh": None, **final,   # the per-language keys, even without Chinese
                    "params": best.num_params(), "tokens": result["tokens"],
                    "tokens_per_second": round(result["tokens_per_second"], 1),
                    "seconds": round(result["seconds"], 1), "wall_seconds": round(time.time() - started, 1),
                    "steps": result["step"], "device": str(rt.device), "world_size": rt.world_size}
         write_metrics(Path(cfg.out_dir), metrics)
-        langs = ", ".join(f"{k[-2:]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_bpb_") and v)
+        langs = ", ".join(f"{lang} {metrics[f'val_bpb_{lang}']:.3f}" for lang in ("en", "zh")
+                          if metrics[f"val_bpb_{lang}"] is not None)
         print(f"pretrain: val bpb {metrics['val_bpb']:.3f}" + (f" ({langs})" if langs else "")
               + f", val loss {metrics['val_loss']:.3f}, "
               f"{metrics['params'] / 1e6:.2f}M params, {metrics['tokens']:,} tokens in {metrics['seconds']:.0f}s "

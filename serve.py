@@ -130,12 +130,12 @@ class BatchWorker:
         batch = [waiting[0]]
         if waiting[0].params.seed >= 0:
             return batch
-        settings = waiting[0].params.model_kwargs()
+        settings = waiting[0].params.decode_kwargs()
         # left padding shares one context between prompt and answer; an encoder-decoder's answer has its own
         limit = self.engine.context if not self.engine.seq2seq else float("inf")
         for job in waiting[1:]:
             trial = batch + [job]
-            if (len(trial) <= self.max_batch and job.params.seed < 0 and job.params.model_kwargs() == settings
+            if (len(trial) <= self.max_batch and job.params.seed < 0 and job.params.decode_kwargs() == settings
                     and max(len(j.ids) for j in trial) + max(j.budget for j in trial) <= limit):
                 batch = trial
         return batch

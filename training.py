@@ -112,7 +112,7 @@ class CsvLog:
         if resume_step is not None and path.exists():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:   # the kept rows, or a fresh header
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
@@ -188,17 +188,14 @@ def check_train_config(cfg: TrainConfig):
                              f"--overwrite to start over, or choose another --out_dir")
 
 
-def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable,
-                 evaluate: Callable, meta: dict, tokenizer=None, stage: str = "train",
-                 save_weights: Callable = None, compute_loss: Callable = None) -> dict:
+def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, evaluate: Callable, meta: dict,
+                 tokenizer, stage: str, compute_loss: Callable, save_weights: Callable = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps (or cfg.time_budget seconds) and return the final metrics.
 
-    next_batch(generator) -> a tuple of CPU tensors: the model's inputs, then its targets, e.g.
-    (x, y), (B, T) each, with y = -100 where the loss is ignored, or (source, decoder input,
-    targets) for an encoder-decoder; a stage with its own compute_loss may add more (SFT's
-    answer mask, DPO's chosen and rejected sequences). batch[0].numel() counts as the step's tokens.
-    compute_loss(model, batch) -> scalar loss; default: the model's own next-token loss,
-    model(*inputs, targets=targets)[1].
+    next_batch(generator) -> a tuple of CPU tensors, the stage's batch: pretraining's (x, y), SFT's
+    (x, y, answer_mask), DPO's chosen and rejected sequences ... batch[0].numel() counts as the
+    step's tokens. compute_loss(model, batch) -> the scalar loss of that batch (the stage's idea:
+    next-token loss, answers only, the DPO loss).
     evaluate(model, max_tokens) -> dict with at least "val_loss" (lower is better); periodic
     evaluations pass cfg.eval_tokens, a budget the evaluation may stop at (0 = everything).
     meta: what config.json records besides the model config (tokenizer, arguments, stage).
@@ -208,7 +205,6 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable,
     and save everything needed to resume (resume.pt).
     """
     save_weights = save_weights or save_checkpoint
-    compute_loss = compute_loss or next_token_loss
     out_dir = Path(cfg.out_dir)
     check_train_config(cfg)
     if rt.is_main:
@@ -233,7 +229,7 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable,
     expert_columns = [f"expert_{e}" for e in range(n_experts)] + ["moe_aux_loss"] * bool(n_experts)
     log = CsvLog(out_dir / LOG_FILE, resume_step=state["step"] if cfg.resume else None,
                  extra_columns=expert_columns) if rt.is_main else None
-    meta = {**meta, "stage": stage, "train": dataclasses.asdict(cfg)}
+    meta = {**meta, "stage": stage, "train": {**dataclasses.asdict(cfg), "preset": getattr(cfg, "preset", None)}}
 
     def eval_and_checkpoint(step: int):
         """Evaluate, keep the best weights, write a resumable state (main process writes)."""
@@ -358,12 +354,6 @@ def gather_rng_states(generator: torch.Generator, rt: Runtime) -> list:
     return states
 
 
-def next_token_loss(model, batch):
-    """The plain language-model loss: batch = (inputs..., targets); cross-entropy of every target."""
-    *inputs, targets = batch
-    return model(*inputs, targets=targets)[1]
-
-
 def write_metrics(out_dir: Path, metrics: dict):
     atomic_write_text(Path(out_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
 
@@ -381,22 +371,22 @@ class RoutingLog:
         self.reset()
 
     def reset(self):
-        self.load, self.aux, self.calls, self.dropped, self.slots = 0, 0.0, 0, 0, 0
+        self.load, self.aux, self.calls, self.dropped = 0, 0, 0, 0   # load and aux stay on the device until read
 
     def count(self, layer, inputs, output):
         if layer.training:
-            self.load = self.load + layer.load.float().cpu()
-            self.aux += float(layer.aux_loss.detach())
+            self.load = self.load + layer.load                         # (E,) routed slots per expert
+            self.aux = self.aux + layer.aux_loss.detach()
             self.calls += 1
             self.dropped += layer.dropped
-            self.slots += int(layer.load.sum())
 
     def read(self) -> dict:
         """Since the last read: mean balance loss, share of routed slots per expert, dropped share."""
         if not self.calls:
             return {}
-        stats = {"moe_aux_loss": self.aux / self.calls, "expert_share": (self.load / self.load.sum()).tolist(),
-                 "dropped_share": self.dropped / max(1, self.slots)}
+        load = self.load.float().cpu()
+        stats = {"moe_aux_loss": float(self.aux) / self.calls, "expert_share": (load / load.sum()).tolist(),
+                 "dropped_share": self.dropped / max(1.0, float(load.sum()))}
         self.reset()
         return stats
 

@@ -245,7 +245,7 @@ def check_turns(messages: list, where: str) -> None:
         raise DataError(f"{where}: the conversation has no final assistant turn to learn from")
 
 
-def encode_conversations(records: list[dict], tokenizer, block_size: int, where: str):
+def encode_conversations(records: list[dict], tokenizer, block_size: int, where: str, verbose: bool = True):
     """Render every conversation to (x, y, answer_mask), 1-D tensors of one length; conversations
     longer than the context are skipped.
 
@@ -260,11 +260,11 @@ def encode_conversations(records: list[dict], tokenizer, block_size: int, where:
             skipped += 1
             continue
         examples.append((torch.tensor(ids[:-1]), torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.bool)))
-    return check_examples(examples, skipped, block_size, where)
+    return check_examples(examples, skipped, block_size, where, verbose)
 
 
-def check_examples(examples: list, skipped: int, block_size: int, where: str) -> list:
-    if skipped:
+def check_examples(examples: list, skipped: int, block_size: int, where: str, verbose: bool = True) -> list:
+    if skipped and verbose:
         print(f"{where}: skipped {skipped} conversations longer than the context of {block_size} tokens")
     if not examples:
         raise ValueError(f"{where}: no conversation fits the context of {block_size} tokens")
@@ -284,7 +284,7 @@ def collate(examples, pad_id: int):
     return tuple(batch)
 
 
-def encode_seq2seq_conversations(records: list[dict], tokenizer, block_size: int, where: str):
+def encode_seq2seq_conversations(records: list[dict], tokenizer, block_size: int, where: str, verbose: bool = True):
     """For an encoder-decoder model: each conversation -> (source ids, target ids).
 
     source = every message before the last answer, rendered with the chat template up to
@@ -300,7 +300,7 @@ def encode_seq2seq_conversations(records: list[dict], tokenizer, block_size: int
             skipped += 1
             continue
         examples.append((torch.tensor(source), torch.tensor(target)))
-    return check_examples(examples, skipped, block_size, where)
+    return check_examples(examples, skipped, block_size, where, verbose)
 
 
 def collate_seq2seq(examples, pad_id: int, start_id: int):
@@ -321,12 +321,13 @@ def collate_seq2seq(examples, pad_id: int, start_id: int):
     return source, decoder_input, pad_lengths, targets, targets != IGNORE_INDEX
 
 
-def chat_examples(records: list[dict], tokenizer, model_config, where: str):
+def chat_examples(records: list[dict], tokenizer, model_config, where: str, verbose: bool = True):
     """Encode conversations the way the model reads them: one sequence for a decoder-only
-    model (x, y, answer_mask), (source, target) for an encoder-decoder one."""
+    model (x, y, answer_mask), (source, target) for an encoder-decoder one. verbose: say how
+    many did not fit (under torchrun only the main process does)."""
     if model_config.n_encoder_layer:
-        return encode_seq2seq_conversations(records, tokenizer, model_config.block_size, where)
-    return encode_conversations(records, tokenizer, model_config.block_size, where)
+        return encode_seq2seq_conversations(records, tokenizer, model_config.block_size, where, verbose)
+    return encode_conversations(records, tokenizer, model_config.block_size, where, verbose)
 
 
 def similar_length_rows(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 8) -> list[int]:
@@ -419,7 +420,8 @@ def records_and_held_out(read: Callable, data: str | Path, eval_data: str | Path
     return [r for i, r in enumerate(records) if i % HOLD_OUT_EVERY_NTH], held_out
 
 
-def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], tuple[Path, Path]]):
+def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], tuple[Path, Path]],
+               verbose: bool = True):
     """The data of a chat stage (SFT, LoRA, DPO): the user's --data (with --eval_data, or every 20th
     record held out), else the stage's default files, default() -> (train path, held-out path).
     Returns (training records, held-out records, their files: the training one, and the held-out
@@ -427,7 +429,7 @@ def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], 
     if eval_data and not data:
         raise ValueError("--eval_data needs --data (the training records) too")
     train_path, eval_path = (data, eval_data) if data else default()
-    train, held_out = records_and_held_out(read, train_path, eval_path)
+    train, held_out = records_and_held_out(read, train_path, eval_path, announce=verbose)
     return train, held_out, str(train_path), str(eval_path or "")
 
 

@@ -22,7 +22,7 @@ from atomic import atomic_write_text
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ("tang300", "song100", "chinese")
-VAL_EVERY = 20          # 1 in 20 blocks/entries is held out (5%)
+VAL_EVERY_NTH = 20          # 1 in 20 blocks/entries is held out (5%)
 LINES_PER_BLOCK = 100   # English plays are split into blocks of this many lines
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -58,12 +58,12 @@ def fortune_entries(path: Path) -> list[str]:
 
 
 def split_english(text: str) -> tuple[str, str]:
-    """Blocks of LINES_PER_BLOCK lines; block i goes to validation when i % VAL_EVERY == VAL_EVERY // 2."""
+    """Blocks of LINES_PER_BLOCK lines; block i goes to validation when i % VAL_EVERY_NTH == VAL_EVERY_NTH // 2."""
     lines = text.splitlines(keepends=True)
     train, val = [], []
     for b, start in enumerate(range(0, len(lines), LINES_PER_BLOCK)):
         block = "".join(lines[start:start + LINES_PER_BLOCK])
-        (val if b % VAL_EVERY == VAL_EVERY // 2 else train).append(block)
+        (val if b % VAL_EVERY_NTH == VAL_EVERY_NTH // 2 else train).append(block)
     return "".join(train), "".join(val)
 
 
@@ -96,7 +96,7 @@ def build_default_corpus(out_dir: str | Path, verbose: bool = True) -> dict[str,
         train_parts, val_parts = [], []
         for name in FORTUNE_FILES:
             for i, entry in enumerate(fortune_entries(FORTUNES_DIR / name)):
-                (val_parts if i % VAL_EVERY == VAL_EVERY // 2 else train_parts).append(entry)
+                (val_parts if i % VAL_EVERY_NTH == VAL_EVERY_NTH // 2 else train_parts).append(entry)
         atomic_write_text(zh_val, "\n\n".join(val_parts) + "\n")
         atomic_write_text(zh_train, "\n\n".join(train_parts) + "\n")
         if verbose:

@@ -32,7 +32,7 @@ from .corpus import build_default_corpus
 from .corpus_tasks import DEFAULT_DIR
 
 CHUNK_BYTES = 1 << 20          # .txt files are read and encoded in pieces of about 1 MB
-JSONL_VAL_EVERY = 100          # user jsonl: every 100th record is held out for validation
+JSONL_VAL_EVERY_NTH = 100          # user jsonl: every 100th record is held out for validation
 TXT_VAL_FRACTION = 0.01        # user .txt: the last 1% of each file is held out
 META_VERSION = 1
 
@@ -112,7 +112,7 @@ def _read_jsonl(path: Path, part: str) -> Iterator[str]:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            if part != "all" and ((line_no % JSONL_VAL_EVERY == 0) != (part == "val")):
+            if part != "all" and ((line_no % JSONL_VAL_EVERY_NTH == 0) != (part == "val")):
                 continue
             line = _decode(raw, path, line_no)
             try:

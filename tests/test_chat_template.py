@@ -1,4 +1,4 @@
-"""tokenizer/chat.py: the ChatML template and its loss mask."""
+"""tokenizer/chat.py: the ChatML template and its answer mask."""
 import pytest
 
 from tokenizer import Tokenizer
@@ -24,7 +24,7 @@ def test_ids_decode_to_the_chatml_text(tok):
     assert ids.count(tok.im_start_id) == ids.count(tok.im_end_id) == len(CONVERSATION)
 
 
-def test_loss_mask_covers_exactly_the_answers_and_their_end_tokens(tok):
+def test_answer_mask_covers_exactly_the_answers_and_their_end_tokens(tok):
     ids, mask = render_chat(CONVERSATION, tok)
     learned = [i for i, m in zip(ids, mask) if m]
     expected = tok.encode("5") + [tok.im_end_id] + tok.encode("10, 你好") + [tok.im_end_id]

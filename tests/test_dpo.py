@@ -93,3 +93,28 @@ def test_data_without_eval_data_holds_out_every_20th_pair(tiny_pretrained, tmp_p
     trained = dpo.encode_pairs([p for i, p in enumerate(pairs) if i % 20],   # (those longer than the context skipped)
                                load_checkpoint_tokenizer(tiny_pretrained / "ckpt"), 96)
     assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["pairs"] == len(trained) > 0
+
+
+def test_generated_pairs_come_from_the_chat_tasks_and_the_models_own_answers(tiny_pretrained, tmp_path, monkeypatch,
+                                                                              capsys):
+    """No --data: plausible wrong answers to the SFT tasks plus the model's own wrong answers, kept in out_dir."""
+    chat = tmp_path / "chat"
+    train, held_out = generate_chat_data(WORDS, 80, 2, seed=3)
+    write_jsonl(chat / "sft_train.jsonl", train)
+    write_jsonl(chat / "sft_eval.jsonl", held_out)
+    monkeypatch.setattr(dpo, "DEFAULT_CHAT_DIR", chat)
+    monkeypatch.setattr(dpo, "default_words", lambda: WORDS)
+    out = tmp_path / "dpo"
+    dpo.main(["--init_from", str(tiny_pretrained / "ckpt"), "--task_data", str(tiny_pretrained / "eval.jsonl"),
+              "--out_dir", str(out), "--max_steps", "2", "--eval_interval", "2", "--time_budget", "0",
+              "--batch_size", "4", "--max_new_tokens", "2", "--on_policy", "10", "--max_pairs", "40"])
+    pairs = [json.loads(line) for line in (out / "pairs_train.jsonl").read_text().splitlines()]
+    prompts = {json.dumps(r["conversations"][:-1]) for r in train}
+    assert pairs and all(json.dumps(p["chosen"][:-1]) in prompts for p in pairs)     # the SFT training tasks
+    assert all(p["chosen"][-1]["content"] != p["rejected"][-1]["content"] for p in pairs)
+    import re
+    plausible, own = map(int, re.search(r"dpo: (\d+) plausible-wrong pairs \+ (\d+) on-policy", capsys.readouterr().out).groups())
+    assert plausible + own == len(pairs) and 0 < plausible <= 40 and own <= 10
+    held = [json.loads(line) for line in (out / "pairs_eval.jsonl").read_text().splitlines()]
+    assert {json.dumps(p["chosen"]) for p in held} <= {json.dumps(r["conversations"]) for r in held_out}
+    assert json.loads((out / "metrics.json").read_text())["pairs"] > 0

@@ -4,9 +4,12 @@ inside functions.
 
     stages (top-level scripts: pretrain.py, full_sft.py, lora.py, dpo.py, inference.py, serve.py,
             evaluation.py, pipeline.py, and any new one)
-      -> engine.py, scoring.py
-      -> training.py, optim.py, flags.py, runtime.py, weight/, data/
-      -> tokenizer/, atomic.py, model.py
+      5  scoring.py
+      4  training.py, engine.py, weight/__main__.py
+      3  weight/checkpoint.py, optim.py
+      2  data/, weight/hf.py, runtime.py, flags.py
+      1  tokenizer/
+      0  model.py, atomic.py
 
 An import of `a.b` counts as an import of a/b.py: the package's __init__.py runs first, but a
 package that re-exports its own submodules is not a cycle.
@@ -115,6 +118,37 @@ def test_tokenizer_and_data_stay_below_the_training_code():
             for target in GRAPH[path]:
                 top = target.relative_to(ROOT).parts[0]
                 assert top in ok, f"{name(path)} imports {name(target)}: {folder}/ may import only {sorted(ok)}"
+
+
+# every file's layer: a file may import only files of lower layers (or of its own package)
+LAYERS = {
+    0: ["model.py", "atomic.py"],
+    1: ["tokenizer/"],
+    2: ["data/", "weight/hf.py", "weight/__init__.py", "runtime.py", "flags.py"],
+    3: ["weight/checkpoint.py", "optim.py"],
+    4: ["training.py", "engine.py", "weight/__main__.py"],
+    5: ["scoring.py"],
+}
+
+
+def layer_of(path: Path):
+    rel = name(path)
+    for layer, members in LAYERS.items():
+        if any(rel == m or (m.endswith("/") and rel.startswith(m)) for m in members):
+            return layer
+    return None                                     # a stage or a benchmark: the top
+
+
+def test_every_shared_file_has_a_layer_and_imports_only_go_down():
+    stages = {ROOT / s for s in STAGES}
+    for path in SOURCES:
+        if path in stages or path.parent.name == "bench":
+            continue
+        assert layer_of(path) is not None, f"{name(path)} has no layer in tests/test_layout.py's LAYERS: add it"
+        for target in GRAPH[path]:
+            same_package = target.parent == path.parent and path.parent != ROOT
+            assert same_package or layer_of(target) < layer_of(path), \
+                f"{name(path)} (layer {layer_of(path)}) imports {name(target)} (layer {layer_of(target)}): imports go down"
 
 
 @pytest.mark.parametrize("user", ["inference.py", "serve.py", "evaluation.py", "engine.py", "weight/__main__.py"])

@@ -7,7 +7,7 @@ Tokenizer: a byte-level BPE learned by our own trainer (bpe.py), run by tiktoken
     text = tok.decode(ids)
 
 Train one: `python -m tokenizer.train --input a.txt b.jsonl --vocab_size 8192 --out tokenizer/my.json`.
-Chat: `tokenizer.chat.render_chat(messages, tok)` -> ids and the loss mask (ChatML).
+Chat: `tokenizer.chat.render_chat(messages, tok)` -> ids and the answer mask (ChatML).
 Public vocabularies (GPT-2, Qwen2/Qwen2.5 from Hugging Face files): `tokenizer.hf.load_hf_tokenizer_files(folder)`.
 `load_tokenizer(path)` reads either kind of file.
 """

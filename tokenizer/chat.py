@@ -1,5 +1,5 @@
 """
-The chat template: a conversation -> token ids + a loss mask (ChatML, as Qwen uses).
+The chat template: a conversation -> token ids + an answer mask (ChatML, as Qwen uses).
 
 Every message becomes
 
@@ -11,8 +11,9 @@ with <|im_start|> and <|im_end|> as single special tokens. For example
     <|im_start|>user\\nWhat is 2+3?<|im_end|>\\n
     <|im_start|>assistant\\n5<|im_end|>\\n
 
-The loss mask says which tokens a fine-tuned model must learn to produce: the content
-of assistant messages and the <|im_end|> that closes them (so it learns to stop). The
+The answer mask says which tokens are the assistant's, the ones SFT teaches the model to
+produce: the content of assistant messages and the <|im_end|> that closes them (so it
+learns to stop). The
 role headers, the system prompt and the user's words are context only. SFT, DPO and
 inference all render conversations with `render_chat`, so they agree token for token.
 
@@ -46,9 +47,9 @@ def check_messages(messages: Sequence[dict], where: str = "conversation") -> Non
 
 def render_chat(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False,
                 where: str = "conversation") -> tuple[list[int], list[int]]:
-    """Messages -> (ids, loss_mask), two lists of the same length.
+    """Messages -> (ids, answer_mask), two lists of the same length.
 
-    loss_mask[i] = 1 where ids[i] is a token the model is trained to produce (assistant
+    answer_mask[i] = 1 where ids[i] is a token the model is trained to produce (assistant
     content and its <|im_end|>), else 0. add_generation_prompt=True appends
     "<|im_start|>assistant\\n" (mask 0): the point where the model starts its answer.
     A tokenizer with a default_system_prompt (imported from Qwen2.5, whose template adds one)

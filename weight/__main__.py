@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from flags import main_guard
-from weight.checkpoint import (ADAPTER_CONFIG, adapter_base, load_adapted_model, load_checkpoint,
-                               load_checkpoint_tokenizer, save_checkpoint)
+from weight.checkpoint import ADAPTER_CONFIG, load_model, save_checkpoint
 from weight.hf import (DTYPES, export_hf, hf_config_from_model, is_hf_folder, load_hf_checkpoint, load_hf_tokenizer,
                        read_hf_config)
 
@@ -55,12 +54,8 @@ def main(argv=None):
         print(f"import: {src}/ ({hf['model_type']}) -> {out}/, weights in {str(dtype).removeprefix('torch.')}\n"
               f"{model.summary()}")
         return
-    if (src / ADAPTER_CONFIG).exists():    # a LoRA adapter: folded into its base as it loads
-        model, config = load_adapted_model(src)
-        tokenizer = load_checkpoint_tokenizer(adapter_base(config))
-    else:
-        model, _ = load_checkpoint(src, make_hint="python pretrain.py")
-        tokenizer = load_checkpoint_tokenizer(src)
+    adapter = (src / ADAPTER_CONFIG).exists()   # a LoRA adapter: folded into its base as it loads
+    model, tokenizer, _, _ = load_model("" if adapter else src, src if adapter else "")
     export_hf(model, tokenizer, out, DTYPES[args.dtype])
     kind = hf_config_from_model(model.config, tokenizer, DTYPES[args.dtype])["architectures"][0]
     print(f"export: {src}/ -> {out}/ as {kind} ({args.dtype}); load it with "

@@ -125,6 +125,12 @@ def save_adapter(out_dir: Path, adapter: dict, meta: dict):
     atomic_write_text(Path(out_dir) / ADAPTER_CONFIG, json.dumps(meta, indent=2, default=str))
 
 
+def adapted_layers(model, target_modules) -> list[str]:
+    """The names of the linear layers a LoRA adapter with these target_modules adapts ("q_proj", ...)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.endswith(tuple(target_modules))]
+
+
 def load_adapted_model(adapter_dir: str | Path, device="cpu"):
     """The base checkpoint (named in adapter_config.json) with its adapter folded into the weights:
     W <- W + (alpha / r) * B A for every adapted layer, so it runs as fast as the base.
@@ -142,8 +148,7 @@ def load_adapted_model(adapter_dir: str | Path, device="cpu"):
                          f"use the base it was trained on")
     lora = config["lora"]
     adapter = torch.load(adapter_dir / ADAPTER_FILE, weights_only=True)
-    adapted = [name for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.endswith(tuple(lora["target_modules"]))]
+    adapted = adapted_layers(model, lora["target_modules"])
     missing = [name for name in adapted if f"{name}.lora_A" not in adapter or f"{name}.lora_B" not in adapter]
     if missing:
         raise ValueError(f"{adapter_dir / ADAPTER_FILE} lacks the adapter of {len(missing)} layers "
@@ -154,3 +159,17 @@ def load_adapted_model(adapter_dir: str | Path, device="cpu"):
             A, B = adapter[f"{name}.lora_A"], adapter[f"{name}.lora_B"]      # (r, in), (out, r)
             model.get_submodule(name).weight += scaling * (B @ A)          # (out, in)
     return model.to(device), config
+
+
+def load_model(ckpt: str | Path = "", lora: str | Path = "", device="cpu", make_hint: str = "python pretrain.py"):
+    """What chatting, evaluating, serving and exporting start from: the checkpoint folder `ckpt`, or the
+    LoRA adapter folder `lora` folded into the base checkpoint it names (then the base's tokenizer).
+    Returns (model, tokenizer, config dict, the folder the weights and tokenizer come from)."""
+    if lora:
+        model, config = load_adapted_model(lora, device)
+        folder = adapter_base(config)
+        config = {**config, "stage": "lora"}
+    else:
+        model, config = load_checkpoint(ckpt, device, make_hint=make_hint)
+        folder = Path(ckpt)
+    return model, load_checkpoint_tokenizer(folder), config, folder
