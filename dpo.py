@@ -51,7 +51,7 @@ class DPOConfig(TrainConfig):
     beta: float = arg(0.5, "how strongly the reward is tied to staying near the reference (larger: less drift)")
     sft_weight: float = arg(1.0, "weight of an SFT loss on the chosen answers (0 = pure DPO)")
     on_policy: int = arg(2000, "training prompts answered by the SFT model; its wrong answers become rejected ones")
-    max_pairs: int = arg(8000, "chat tasks turned into plausible-wrong pairs (a 60 s run uses about 5,000 pairs; "
+    max_pairs: int = arg(4800, "chat tasks turned into plausible-wrong pairs (150 steps of 32 use 4,800; "
                                "each pair costs a reference forward pass up front)")
     batch_size: int = arg(32, "pairs per micro-batch")
     eval_tokens: int = arg(0, "answer tokens of held-out pairs scored in periodic evaluations (0 = every pair)")
@@ -60,8 +60,7 @@ class DPOConfig(TrainConfig):
     out_dir: str = "weight/dpo"
     lr: float = 1e-4
     min_lr: float = 1e-5
-    max_steps: int = 1000
-    time_budget: float = 60.0
+    max_steps: int = 150
     warmup_steps: int = 10
     eval_interval: int = 50
 

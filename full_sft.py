@@ -44,14 +44,13 @@ class SFTConfig(TrainConfig):
     # the shared training flags, with this stage's defaults
     init_from: str = "weight/pretrain"
     out_dir: str = "weight/sft"
-    max_steps: int = 2000
-    time_budget: float = 240.0
+    max_steps: int = 1600
     optimizer: str = "muon"
     batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20
-    eval_interval: int = 100
+    eval_interval: int = 200
     eval_tokens: int = 8192
 
 

@@ -148,8 +148,7 @@ class LoRAConfig(TrainConfig):
     lr: float = 3e-3
     min_lr: float = 3e-4
     batch_size: int = 32
-    max_steps: int = 1000
-    time_budget: float = 90.0
+    max_steps: int = 400
     warmup_steps: int = 10
     eval_interval: int = 100
     eval_tokens: int = 8192

@@ -12,20 +12,34 @@ retrained, and a stage cut off midway resumes from its last evaluation (resume.p
 an interrupted pipeline picks up where it stopped. At the end every
 checkpoint also takes the multiple-choice test (evaluation.py), and one table gathers
 every stage's numbers; it is printed and written to weight/pipeline.md and .json.
+
+Every stage does a fixed amount of work (steps, not seconds), so every machine trains the
+same models and prints the same numbers; a slower machine takes longer. Before it starts,
+the pipeline times a training step here and says how long the whole run will take, then
+shows one progress bar with the time left.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
 
 from atomic import atomic_write_text
 from flags import arg, main_guard, parse_config
+from model import GPT, ModelConfig
+from optim import make_optimizer
+from runtime import resolve_device, resolve_dtype
+from training import TrainConfig
 from weight.checkpoint import ADAPTER_FILE, RESUME_FILE, ROOT, WEIGHTS_FILE
 
 # stage -> (command, output folder); each stage reads the previous stage's folder by default
@@ -39,7 +53,14 @@ STAGES = {
 EVALUATED = {"pretrain": ["--ckpt", "weight/pretrain"], "sft": ["--ckpt", "weight/sft"],
              "lora": ["--lora", "weight/lora"], "dpo": ["--ckpt", "weight/dpo"]}
 REPORT_DIR = "weight/eval"
-PROGRESS_BAR = re.compile(r"\d+%\|")                    # a tqdm bar: "sft:  11%|█▏  | 226/2000 ..."
+PROGRESS_BAR = re.compile(r"\d+%\|.*?(\d+)/(\d+)")          # a tqdm bar: "sft:  11%|█▏  | 226/2000 ..."
+TARGETS = {"pretrain": "English bpb <= 2.10", "sft": ">= 50%", "lora": "new >= 60%, old within 10 pts, < 5%",
+           "dpo": "preference >= 80%, task not below SFT"}
+# How long each stage took on a reference machine, and how long that machine took for the
+# calibration step below: the estimate for this machine scales these by its own calibration step.
+# Measured with `python bench/bench_pipeline.py` (bench/results/pipeline-*.json).
+REFERENCE = {"machine": "2-core AMD EPYC (Zen 3) VM, AVX2, float32", "calibration_seconds": 1.24,
+             "seconds": {"pretrain": 560.0, "sft": 330.0, "lora": 110.0, "dpo": 150.0, "eval": 40.0}}
 
 
 @dataclass
@@ -47,20 +68,91 @@ class PipelineConfig:
     stages: tuple = arg(tuple(STAGES) + ("eval",), "stages to run, in order", nargs="+", type=str)
     overwrite: bool = arg(False, "retrain stages whose output already exists")
     device: str = arg("auto", "passed to every stage", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = arg("auto", "passed to every training stage: auto (bf16 on CUDA and on CPUs with bf16 "
+                             "instructions, else float32) | float32 | bfloat16", choices=["auto", "float32", "bfloat16"])
+    seed: int = arg(1337, "passed to every training stage")
+    estimate: bool = arg(True, "time a training step first and say how long the run will take")
 
 
-def run_stage(name: str, command: list[str], log_path: Path) -> float:
-    """Run one stage as `python <command>`, its output shown live and kept in a log; returns seconds."""
-    print(f"\n=== {name}: python {' '.join(command)}", flush=True)
+def calibration_seconds(device: str, dtype: str) -> float:
+    """This machine's speed: the seconds of one training step of the default model on a
+    pretraining batch (16 x 256 random tokens, Muon), the median of three after a warm-up."""
+    torch.manual_seed(0)
+    where = resolve_device(device)
+    model = GPT(ModelConfig()).to(where)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), where)
+    x = torch.randint(0, model.config.vocab_size, (16, model.config.block_size), device=where)
+    autocast = torch.autocast(where.type, resolve_dtype(dtype, where)) if resolve_dtype(dtype, where) != torch.float32 \
+        else torch.autocast(where.type, enabled=False)
+    times = []
+    for _ in range(4):
+        started = time.perf_counter()
+        with autocast:
+            _, loss = model(x, targets=x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if where.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def estimate(stages: list[str], calibration: float) -> dict[str, float]:
+    """Seconds each stage should take here: the reference machine's, scaled by the calibration step."""
+    return {name: REFERENCE["seconds"][name] * calibration / REFERENCE["calibration_seconds"] for name in stages}
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """One bar for the whole pipeline, in estimated seconds of work: finished stages count in full,
+    the running one by its own progress bar's step count; the time left is the estimate for the
+    work that remains, corrected by how fast this run has gone against its estimate so far."""
+
+    def __init__(self, planned: dict[str, float]):
+        self.planned, self.done, self.started = planned, 0.0, time.time()
+        self.bar = tqdm(total=max(1, round(sum(planned.values()))), desc="pipeline", unit="s",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", dynamic_ncols=True)
+
+    def update(self, stage: str, fraction: float):
+        work = self.done + min(1.0, fraction) * self.planned.get(stage, 0.0)
+        elapsed = time.time() - self.started
+        pace = elapsed / work if work > 0 else 1.0           # real seconds per estimated second so far
+        left = max(0.0, sum(self.planned.values()) - work) * pace
+        self.bar.n = min(self.bar.total, round(work))
+        self.bar.set_postfix_str(f"{minutes(elapsed)} so far, about {minutes(left)} left ({stage})")
+
+    def finish(self, stage: str):
+        self.done += self.planned.get(stage, 0.0)
+        self.update(stage, 0.0)
+
+    def write(self, text: str):
+        self.bar.write(text.rstrip("\n"))
+
+    def close(self):
+        self.bar.close()
+
+
+def run_stage(name: str, command: list[str], log_path: Path, progress: Callable[[float], None] = lambda f: None,
+              show: Callable[[str], None] = lambda text: print(text, flush=True)) -> float:
+    """Run one stage as `python <command>`, its output shown live and kept in a log; returns seconds.
+    The stage's own progress bars go to the log; their step counts go to progress(fraction)."""
+    show(f"\n=== {name}: python {' '.join(command)}")
     started = time.time()
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT)
         for line in process.stdout:                # bytes up to each "\n"
             log.write(line)
-            text = line.decode("utf-8", errors="replace").split("\r")[-1]   # what a terminal would leave
-            if text.strip() and not PROGRESS_BAR.search(text):             # progress bars go to the log only
-                print(text, end="" if text.endswith("\n") else "\n", flush=True)
+            for piece in line.decode("utf-8", errors="replace").split("\r"):   # what a terminal would draw
+                bar = PROGRESS_BAR.search(piece)
+                if bar and piece.lstrip().startswith(f"{name}:"):             # the stage's training steps
+                    progress(int(bar.group(1)) / max(1, int(bar.group(2))))
+                elif piece.strip() and not bar:                                # other bars: the log only
+                    show(piece.rstrip("\n"))
         if process.wait() != 0:
             raise ValueError(f"stage {name} failed (exit {process.returncode}): see {log_path}; "
                              f"fix it and rerun `python pipeline.py` (finished stages are kept)")
@@ -87,31 +179,31 @@ def summary_table(results: dict) -> str:
     def wall(stage):
         return f"{seconds[stage]:.0f} s" if stage in seconds else "kept"
 
-    rows = [("stage", "measured", "result", "target met", "wall")]
+    rows = [("stage", "measured", "result", "target", "met", "wall")]
     if pre:
         rows.append(("pretrain", "val bits per byte (en / zh)",
-                     f"{pre['val_bpb']:.3f} ({pre['val_bpb_en']:.3f} / {pre.get('val_bpb_zh', float('nan')):.3f})",
-                     check(pre["val_bpb_en"] <= 2.3), wall("pretrain")))
+                     f"{pre['val_bpb']:.3f} ({pre['val_bpb_en']:.3f} / {pre.get('val_bpb_zh') or float('nan'):.3f})",
+                     TARGETS["pretrain"], check(pre["val_bpb_en"] <= 2.10), wall("pretrain")))
     if sft:
         rows.append(("sft", "held-out exact match", f"{pct(sft['accuracy_before'])} -> {pct(sft['accuracy'])}",
-                     check(sft["accuracy"] >= 0.5), wall("sft")))
+                     TARGETS["sft"], check(sft["accuracy"] >= 0.5), wall("sft")))
     if lora:
         old_drop = (lora["old_skills_accuracy_before"] or 0) - (lora["old_skills_accuracy"] or 0)
         rows.append(("lora", "new skill; old skills; trainable",
                      f"{pct(lora['new_skill_accuracy_before'])} -> {pct(lora['new_skill_accuracy'])}; "
                      f"{pct(lora['old_skills_accuracy_before'])} -> {pct(lora['old_skills_accuracy'])}; "
-                     f"{pct(lora['trainable_fraction'])}",
+                     f"{pct(lora['trainable_fraction'])}", TARGETS["lora"],
                      check(lora["new_skill_accuracy"] >= 0.6 and old_drop <= 0.10 and lora["trainable_fraction"] < 0.05),
                      wall("lora")))
     if dpo:
         rows.append(("dpo", "preference accuracy; margin; task accuracy",
                      f"{pct(dpo['preference_accuracy'])}; {dpo['reward_margin']:.2f}; "
-                     f"{pct(dpo['accuracy_before'])} -> {pct(dpo['accuracy'])}",
+                     f"{pct(dpo['accuracy_before'])} -> {pct(dpo['accuracy'])}", TARGETS["dpo"],
                      check(dpo["preference_accuracy"] >= 0.8 and dpo["accuracy"] >= dpo["accuracy_before"]),
                      wall("dpo")))
     if choice:
         rows.append(("eval", "multiple choice per byte (chance " + pct(next(iter(choice.values()))["chance"]) + ")",
-                     ", ".join(f"{k} {pct(v['accuracy_norm'])}" for k, v in choice.items()), "", wall("eval")))
+                     ", ".join(f"{k} {pct(v['accuracy_norm'])}" for k, v in choice.items()), "", "", wall("eval")))
     lines = [markdown_table(rows)]
 
     # accuracy per task family for every checkpoint: where each stage gained or lost
@@ -145,36 +237,57 @@ def main(argv=None):
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}, eval")
     logs = ROOT / REPORT_DIR
     logs.mkdir(parents=True, exist_ok=True)
+
+    # what will run: stages not yet finished (or all of them, with --overwrite), then the evaluation
+    todo = [name for name in STAGES if name in cfg.stages
+            and (cfg.overwrite or not (ROOT / STAGES[name][1] / "metrics.json").exists())]
+    todo += ["eval"] * ("eval" in cfg.stages)
+    planned = {name: 0.0 for name in todo}
+    if cfg.estimate and todo:
+        step = calibration_seconds(cfg.device, cfg.dtype)
+        planned = estimate(todo, step)
+        print(f"pipeline: {', '.join(todo)}: about {minutes(sum(planned.values()))} on this machine ("
+              + ", ".join(f"{name} {minutes(s)}" for name, s in planned.items())
+              + f"): a training step took {step:.2f} s here, {REFERENCE['calibration_seconds']:.2f} s on the "
+              f"reference machine ({REFERENCE['machine']}), whose stage times are scaled by that")
+    progress = Progress(planned) if cfg.estimate and todo else None
+    show = progress.write if progress else (lambda text: print(text, flush=True))
+
     seconds = {}
     for name, (command, out_dir) in STAGES.items():
         if name not in cfg.stages:
             continue
         folder = ROOT / out_dir
-        done = (folder / "metrics.json").exists()
-        if done and not cfg.overwrite:
-            print(f"=== {name}: {out_dir}/metrics.json exists, kept (--overwrite retrains it)")
+        if name not in todo:
+            show(f"=== {name}: {out_dir}/metrics.json exists, kept (--overwrite retrains it)")
             continue
-        extra = ["--device", cfg.device]
+        extra = ["--device", cfg.device, "--dtype", cfg.dtype, "--seed", str(cfg.seed)]
         if not cfg.overwrite and (folder / RESUME_FILE).exists():
             extra.append("--resume")           # cut off midway: go on from its last evaluation
         elif cfg.overwrite or any((folder / f).exists() for f in (WEIGHTS_FILE, ADAPTER_FILE)):
             extra.append("--overwrite")        # retrain (or, with nothing to resume from, start over)
-        seconds[name] = run_stage(name, command + extra, logs / f"{name}.log")
+        on_progress = (lambda f, name=name: progress.update(name, f)) if progress else (lambda f: None)
+        seconds[name] = run_stage(name, command + extra, logs / f"{name}.log", progress=on_progress, show=show)
+        if progress:
+            progress.finish(name)
 
     choice = {}
     if "eval" in cfg.stages:
         started = time.time()
-        for name, which in EVALUATED.items():
-            if not (ROOT / STAGES[name][1]).exists():
-                continue
+        evaluated = [name for name in EVALUATED if (ROOT / STAGES[name][1]).exists()]
+        for i, name in enumerate(evaluated):
             out = logs / f"choice_{name}.json"
-            run_stage(f"eval {name}", ["evaluation.py", *which, "--tasks", "choice", "--device", cfg.device,
-                                       "--out", str(out)], logs / f"eval_{name}.log")
+            run_stage(f"eval {name}", ["evaluation.py", *EVALUATED[name], "--tasks", "choice", "--device", cfg.device,
+                                       "--out", str(out)], logs / f"eval_{name}.log", show=show)
             choice[name] = read_json(out)["choice"]
+            if progress:
+                progress.update("eval", (i + 1) / len(evaluated))
         seconds["eval"] = time.time() - started
+    if progress:
+        progress.close()
 
     results = {name: read_json(ROOT / out_dir / "metrics.json") for name, (_, out_dir) in STAGES.items()}
-    results.update(choice=choice, seconds=seconds)
+    results.update(choice=choice, seconds=seconds, estimate=planned)
     table = summary_table(results)
     print("\n" + table)
     atomic_write_text(ROOT / "weight" / "pipeline.md", table + "\n")

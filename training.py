@@ -53,10 +53,11 @@ class TrainConfig:
                      choices=["auto", "float32", "bfloat16"])
     compile: bool = arg(False, "torch.compile the model (worth it on a GPU)")
     seed: int = arg(1337, "random seed (data order, init, dropout)")
-    max_steps: int = arg(1000, "optimizer steps (at most, with --time_budget)")
-    time_budget: float = arg(0.0, "stop after this many seconds of training steps (0 = off); the learning-rate "
-                                  "schedule then follows the clock, so a slower machine trains fewer steps "
-                                  "but still finishes its schedule")
+    max_steps: int = arg(1000, "optimizer steps: the work a run does, the same on every machine (a slower "
+                               "one takes longer and trains the same model)")
+    time_budget: float = arg(0.0, "stop after this many seconds of training steps instead (0 = off): the "
+                                  "learning-rate schedule then follows the clock, so a slower machine trains "
+                                  "fewer steps, and a different model")
     batch_size: int = arg(16, "sequences per micro-batch (per process)")
     grad_accum: int = arg(1, "micro-batches accumulated per optimizer step")
     lr: float = arg(1e-3, "peak learning rate")
@@ -266,14 +267,22 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
                desc=stage, disable=not rt.is_main, dynamic_ncols=True)
     metrics = {}
     end_step = start_step
+    eval_seconds = timed_from = 0.0
     for step in bar:
         if cfg.time_budget > 0 and state["seconds"] >= cfg.time_budget:
             tqdm.write(f"time budget of {cfg.time_budget:.0f}s reached after {step} steps")
             break
         if step % cfg.eval_interval == 0 and (step > start_step or not cfg.resume):
+            eval_started = time.perf_counter()
             metrics = eval_and_checkpoint(step) or metrics
             if rt.distributed:
                 dist.barrier()
+            eval_seconds = time.perf_counter() - eval_started
+        if step == start_step + ESTIMATE_AFTER_STEPS + 1 and rt.is_main:
+            tqdm.write(estimate_line(stage, cfg, step, (state["seconds"] - timed_from) / ESTIMATE_AFTER_STEPS,
+                                     eval_seconds))
+        if step == start_step + 1:
+            timed_from = state["seconds"]                 # the first step is a warm-up: time the next ones
         t0 = time.perf_counter()
         lr = lr_at(step, cfg, state["seconds"])
         for group in optimizer.param_groups:
@@ -352,6 +361,21 @@ def gather_rng_states(generator: torch.Generator, rt: Runtime) -> list:
     states = [None] * rt.world_size
     dist.all_gather_object(states, mine)
     return states
+
+
+ESTIMATE_AFTER_STEPS = 4      # a run says how long it will take once this many steps are timed
+
+
+def estimate_line(stage: str, cfg: TrainConfig, step: int, step_seconds: float, eval_seconds: float) -> str:
+    """'sft: 1,200 steps to go, about 5.1 min here (0.24 s a step, 9 evaluations of 1.0 s)'."""
+    steps_left = cfg.max_steps - step
+    evals_left = steps_left // cfg.eval_interval + 1                 # the periodic ones and the final one
+    seconds = steps_left * step_seconds + evals_left * eval_seconds
+    if cfg.time_budget > 0:
+        seconds = min(seconds, max(0.0, cfg.time_budget - step * step_seconds) + evals_left * eval_seconds)
+    return (f"{stage}: {steps_left:,} steps to go, about {seconds / 60:.1f} min here ({step_seconds:.2f} s a step, "
+            f"{evals_left} evaluations of {eval_seconds:.1f} s)"
+            + (f"; stops after {cfg.time_budget:.0f} s of steps" if cfg.time_budget > 0 else ""))
 
 
 def write_metrics(out_dir: Path, metrics: dict):

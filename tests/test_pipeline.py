@@ -21,7 +21,8 @@ def test_table_shows_each_stage_with_its_target_and_every_family():
                                     "seconds": {"sft": 250.0}})
     lines = table.splitlines()
     row = lambda name: next(line for line in lines if line.startswith(f"| {name} "))   # noqa: E731
-    assert "0.0% -> 55.0%" in row("sft") and "| yes" in row("sft") and "250 s" in row("sft")
+    assert "0.0% -> 55.0%" in row("sft") and "| yes" in row("sft") and "250 s" in row("sft") and ">= 50%" in row("sft")
+    assert "2.050" in row("pretrain") and "| yes" in row("pretrain")          # English 2.05 <= 2.10
     assert "0.0% -> 70.0%" in row("lora") and "| yes" in row("lora") and "kept" in row("lora")
     assert "**no**" in row("dpo")                  # task accuracy fell below SFT's: the target is missed
     assert "90.0%" in row("repeat") and "88.0%" in row("repeat") and "70.0%" in row("first")
@@ -35,13 +36,14 @@ def test_finished_stages_are_kept_and_the_rest_run_in_order(tmp_path, monkeypatc
         (tmp_path / "weight" / stage / "metrics.json").write_text(json.dumps(data))
     ran = []
 
-    def fake_run(name, command, log_path):
+    def fake_run(name, command, log_path, **_):
         ran.append((name, command))
         out = {"lora": ("weight/lora", LORA), "dpo": ("weight/dpo", DPO)}[name]
         (tmp_path / out[0]).mkdir(parents=True, exist_ok=True)
         (tmp_path / out[0] / "metrics.json").write_text(json.dumps(out[1]))
         return 1.0
     monkeypatch.setattr(pipeline, "run_stage", fake_run)
+    monkeypatch.setattr(pipeline, "calibration_seconds", lambda device, dtype: 0.1)
     pipeline.main(["--stages", "pretrain", "sft", "lora", "dpo"])
     assert [name for name, _ in ran] == ["lora", "dpo"]
     assert ran[0][1][0] == "lora.py" and "--overwrite" not in ran[0][1]
@@ -64,12 +66,13 @@ def test_a_stage_cut_off_midway_is_resumed_or_started_over(tmp_path, monkeypatch
     (tmp_path / "weight" / "dpo" / "model.pt").write_bytes(b"step 0")         # killed before any resume.pt
     ran = {}
 
-    def fake_run(name, command, log_path):
+    def fake_run(name, command, log_path, **_):
         ran[name] = command
         out, data = {"lora": ("weight/lora", LORA), "dpo": ("weight/dpo", DPO)}[name]
         (tmp_path / out / "metrics.json").write_text(json.dumps(data))
         return 1.0
     monkeypatch.setattr(pipeline, "run_stage", fake_run)
+    monkeypatch.setattr(pipeline, "calibration_seconds", lambda device, dtype: 0.1)
     pipeline.main(["--stages", "pretrain", "sft", "lora", "dpo"])
     assert "--resume" in ran["lora"] and "--overwrite" not in ran["lora"]
     assert "--overwrite" in ran["dpo"] and "--resume" not in ran["dpo"]
@@ -78,3 +81,34 @@ def test_a_stage_cut_off_midway_is_resumed_or_started_over(tmp_path, monkeypatch
 def test_unknown_stages_are_refused_with_the_list():
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, eval"):
         pipeline.main(["--stages", "sfft"])
+
+
+def test_the_estimate_scales_the_reference_times_by_this_machines_step(monkeypatch):
+    monkeypatch.setitem(pipeline.REFERENCE, "calibration_seconds", 2.0)
+    monkeypatch.setitem(pipeline.REFERENCE, "seconds", {"pretrain": 600.0, "sft": 300.0, "eval": 60.0})
+    assert pipeline.estimate(["pretrain", "sft"], 1.0) == {"pretrain": 300.0, "sft": 150.0}   # twice as fast here
+
+
+def test_a_stages_progress_bar_feeds_the_pipeline_and_its_other_lines_are_shown(tmp_path):
+    script = ("import sys\n"
+              "sys.stdout.write('bpe merges: 100%|#| 7/7 [00:00]\\r')\n"             # another bar: log only
+              "sys.stdout.write('sft:  25%|##  | 5/20 [00:01<00:03]\\r')\n"
+              "print('sft:  50%|####| 10/20 [00:02<00:02]\\rstep 10: val_loss 1.234')\n"
+              "print('done')\n")
+    (tmp_path / "fake_stage.py").write_text(script)
+    fractions, shown = [], []
+    pipeline.run_stage("sft", [str(tmp_path / "fake_stage.py")], tmp_path / "sft.log", progress=fractions.append,
+                       show=shown.append)
+    assert fractions == [0.25, 0.5]
+    assert shown[1:] == ["step 10: val_loss 1.234", "done"] and "bpe merges" not in " ".join(shown)
+    assert "5/20" in (tmp_path / "sft.log").read_text()                         # the log keeps everything
+
+
+def test_progress_counts_finished_stages_and_the_running_one():
+    progress = pipeline.Progress({"pretrain": 300.0, "sft": 100.0})
+    progress.update("pretrain", 0.5)
+    assert progress.bar.n == 150
+    progress.finish("pretrain")
+    progress.update("sft", 0.5)
+    assert progress.bar.n == 350 and "left (sft)" in progress.bar.postfix
+    progress.close()
