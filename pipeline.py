@@ -114,16 +114,18 @@ class Progress:
 
     def __init__(self, planned: dict[str, float]):
         self.planned, self.done, self.started = planned, 0.0, time.time()
-        self.bar = tqdm(total=max(1, round(sum(planned.values()))), desc="pipeline", unit="s",
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", dynamic_ncols=True)
+        self.bar = tqdm(total=max(1, round(sum(planned.values()))), unit="s", dynamic_ncols=True,
+                        bar_format="pipeline: {percentage:3.0f}%|{bar}| {desc}")
 
     def update(self, stage: str, fraction: float):
         work = self.done + min(1.0, fraction) * self.planned.get(stage, 0.0)
+        total = sum(self.planned.values())
         elapsed = time.time() - self.started
-        pace = elapsed / work if work > 0 else 1.0           # real seconds per estimated second so far
-        left = max(0.0, sum(self.planned.values()) - work) * pace
+        # real seconds per estimated second so far; trusted once a tenth of the work is done
+        pace = elapsed / work if work > 0.1 * total else 1.0
+        left = max(0.0, total - work) * pace
         self.bar.n = min(self.bar.total, round(work))
-        self.bar.set_postfix_str(f"{minutes(elapsed)} so far, about {minutes(left)} left ({stage})")
+        self.bar.set_description_str(f"{minutes(elapsed)} so far, about {minutes(left)} left ({stage})")
 
     def finish(self, stage: str):
         self.done += self.planned.get(stage, 0.0)

@@ -110,5 +110,5 @@ def test_progress_counts_finished_stages_and_the_running_one():
     assert progress.bar.n == 150
     progress.finish("pretrain")
     progress.update("sft", 0.5)
-    assert progress.bar.n == 350 and "left (sft)" in progress.bar.postfix
+    assert progress.bar.n == 350 and "left (sft)" in progress.bar.desc
     progress.close()
