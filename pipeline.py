@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -76,7 +75,8 @@ class PipelineConfig:
 
 def calibration_seconds(device: str, dtype: str) -> float:
     """This machine's speed: the seconds of one training step of the default model on a
-    pretraining batch (16 x 256 random tokens, Muon), the median of three after a warm-up."""
+    pretraining batch (16 x 256 random tokens, Muon), the fastest of four after two warm-ups
+    (the fastest: a busy moment of the machine only ever makes a step slower)."""
     torch.manual_seed(0)
     where = resolve_device(device)
     model = GPT(ModelConfig()).to(where)
@@ -85,7 +85,7 @@ def calibration_seconds(device: str, dtype: str) -> float:
     autocast = torch.autocast(where.type, resolve_dtype(dtype, where)) if resolve_dtype(dtype, where) != torch.float32 \
         else torch.autocast(where.type, enabled=False)
     times = []
-    for _ in range(4):
+    for _ in range(6):
         started = time.perf_counter()
         with autocast:
             _, loss = model(x, targets=x)
@@ -95,7 +95,7 @@ def calibration_seconds(device: str, dtype: str) -> float:
         if where.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    return min(times[2:])
 
 
 def estimate(stages: list[str], calibration: float) -> dict[str, float]:
