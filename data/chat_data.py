@@ -22,8 +22,12 @@ the letters inside tokens, which a small BPE model barely knows: they stay hard.
 Records are written in the standard SFT format, one per line:
     {"conversations": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}],
      "family": "add", "lang": "en"}
-so real data drops in; `read_conversations` also accepts alpaca records
-{"instruction", "input", "output"}.
+so real data drops in. `read_conversations` reads the formats chat datasets come in, as
+.jsonl (one record per line) or .json (one JSON array of records):
+    OpenAI     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+    minimind   {"conversations": [{"role": ..., "content": ...}, ...]}
+    ShareGPT   {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}
+    alpaca     {"instruction": ..., "input": ..., "output": ...}
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from model import IGNORE_INDEX
 from tokenizer.chat import check_messages, render_chat
 
 from .corpus_tasks import DEFAULT_DIR, speaker_records
-from .pretrain_data import DataError, check_data_file
+from .pretrain_data import DataError
 
 DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
 EVAL_ONLY_ONE_IN = 5         # 1 in 5 words / number pairs / names is only ever used for evaluation
@@ -54,6 +58,12 @@ NEW_SKILL = "first"          # not in the SFT data: the skill lora.py teaches ("
 PERSONA = {"en": "I am Workshop, a small language model trained from scratch.",
            "zh": "我是 Workshop，一个从零开始训练的小语言模型。"}
 NUMBER_WORDS_ZH = {2: "两", 3: "三", 4: "四"}
+# what a chat record looks like, for the messages that refuse a file or a line
+CHAT_RECORD = ('like {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
+               '(or "conversations" with role/content or ShareGPT from/value, or alpaca {"instruction", "input", '
+               '"output"})')
+PAIR_RECORD = 'like {"chosen": [...messages], "rejected": [...messages]}'
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 TEMPLATES = {
     "upper": {"en": ["Write this word in capital letters:\n{w}", "Uppercase:\n{w}"],
@@ -194,11 +204,38 @@ def build_default_chat_data(out_dir: Path = DEFAULT_CHAT_DIR, n_train: int = 200
 
 
 def jsonl_records(path: str | Path, expected: str) -> Iterator[tuple[str, object]]:
-    """Yield ("file:line", parsed JSON) for every non-empty line; a bad line stops with file:line."""
+    """Yield (where, parsed JSON) for every record of a .jsonl file (one per line, where = "file:line")
+    or a .json file holding one JSON array (where = "file: record N"). expected: what a record
+    looks like, for the messages; a bad file or line stops with one line saying where and what to do."""
     path = Path(path)
-    check_data_file(path)
-    if path.suffix != ".jsonl":
-        raise DataError(f"{path}: expected a .jsonl file with one JSON object per line")
+    check_record_file(path, expected)
+    if path.suffix == ".json" and _starts_with_bracket(path):
+        yield from _array_records(path, expected)
+    else:                            # .jsonl, or a JSON Lines file named .json (many datasets are)
+        yield from _line_records(path, expected)
+
+
+def check_record_file(path: Path, expected: str) -> None:
+    """Refuse, in one line, a path that is not a .jsonl / .json file of records."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a .jsonl or .json file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: {path.suffix or 'a file without a suffix'} is not read here; convert it to "
+                        f".jsonl with one JSON object per line, {expected}, or to a .json file holding a list "
+                        f"of them")
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    """True if the file's first character (after a byte-order mark and spaces) is "[": a JSON array."""
+    with open(path, "rb") as f:
+        return f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
+def _line_records(path: Path, expected: str) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -209,28 +246,67 @@ def jsonl_records(path: str | Path, expected: str) -> Iterator[tuple[str, object
             except UnicodeDecodeError:
                 raise DataError(f"{where}: bytes that are not UTF-8; convert the file to UTF-8") from None
             except json.JSONDecodeError as e:
+                or_array = "; or make the whole .json file one JSON array [...]" if path.suffix == ".json" else ""
                 raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); "
-                                f"each line must be one object {expected}") from None
+                                f"each line must be one object {expected}{or_array}") from None
+
+
+def _array_records(path: Path, expected: str) -> Iterator[tuple[str, object]]:
+    # a JSON array cannot be read piece by piece with the standard library: it is parsed whole
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: bytes that are not UTF-8; convert the file to UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); a .json file must "
+                        f"hold one list of records, each {expected}") from None
+    for number, record in enumerate(records, start=1):
+        yield f"{path}: record {number}", record
+
+
+def chat_messages(record, where: str) -> list:
+    """The messages of one chat record in any accepted format, as [{"role", "content"}, ...]."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a JSON {type(record).__name__}, not a chat record; each record must be "
+                        f"an object {CHAT_RECORD}")
+    if isinstance(record.get("messages"), list):                    # OpenAI
+        return record["messages"]
+    if isinstance(record.get("conversations"), list):               # minimind (role/content) or ShareGPT (from/value)
+        turns = record["conversations"]
+        is_sharegpt = any(isinstance(m, dict) and "from" in m for m in turns)
+        return sharegpt_messages(turns, where) if is_sharegpt else turns
+    if "instruction" in record and "output" in record:              # alpaca: one question, one answer
+        prompt, extra = record["instruction"], record.get("input")
+        if isinstance(prompt, str) and isinstance(extra, str) and extra:
+            prompt += "\n" + extra
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    hint = '; {"text": ...} is pretraining data, for pretrain.py' if "text" in record else ""
+    raise DataError(f"{where}: not a chat record (found keys: {', '.join(map(str, record)) or 'none'}{hint}); "
+                    f"each record must be {CHAT_RECORD}")
+
+
+def sharegpt_messages(turns: list, where: str) -> list:
+    """ShareGPT turns {"from": "human" | "gpt" | "system", "value": ...} -> {"role", "content"} messages."""
+    messages = []
+    for i, turn in enumerate(turns):
+        who = turn.get("from") if isinstance(turn, dict) else None
+        if who not in SHAREGPT_ROLES:
+            raise DataError(f'{where}: message {i} has "from": {who!r}; ShareGPT turns come from '
+                            f'{", ".join(SHAREGPT_ROLES)}')
+        messages.append({"role": SHAREGPT_ROLES[who], "content": turn.get("value")})
+    return messages
 
 
 def read_conversations(path: str | Path) -> Iterator[dict]:
-    """Yield {"conversations": [...], "family": ..., "lang": ...} from a jsonl file.
+    """Yield {"conversations": [...], "family": ..., "lang": ...} from a .jsonl or .json file.
 
-    Accepts {"conversations": [{"role", "content"}, ...]} and alpaca records
-    {"instruction", "input", "output"}. Bad lines stop with file:line and the fix.
+    Accepts OpenAI "messages", minimind and ShareGPT "conversations", and alpaca records (see
+    the top of this file). Bad records stop with file:line (or file: record N) and the fix.
     """
-    for where, record in jsonl_records(path, 'like {"conversations": [...]}'):
-        if isinstance(record, dict) and "instruction" in record and "output" in record:
-            prompt = record["instruction"] + (("\n" + record["input"]) if record.get("input") else "")
-            record = {"conversations": [{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": record["output"]}]}
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise DataError(f'{where}: no "conversations" list; each line must be '
-                            f'{{"conversations": [{{"role": ..., "content": ...}}, ...]}} '
-                            f'or alpaca {{"instruction", "input", "output"}}')
-        check_turns(record["conversations"], where)
-        yield {"conversations": record["conversations"], "family": record.get("family", "user"),
-               "lang": record.get("lang", "")}
+    for where, record in jsonl_records(path, CHAT_RECORD):
+        messages = chat_messages(record, where)
+        check_turns(messages, where)
+        yield {"conversations": messages, "family": record.get("family", "user"), "lang": record.get("lang", "")}
 
 
 def check_turns(messages: list, where: str) -> None:
@@ -392,8 +468,9 @@ def preference_pair(record: dict, rejected_answer: str) -> dict:
 
 
 def read_preference_pairs(path: str | Path) -> Iterator[dict]:
-    """Yield {"chosen": [...], "rejected": [...]} records; bad lines stop with file:line."""
-    for where, record in jsonl_records(path, 'like {"chosen": [...messages], "rejected": [...messages]}'):
+    """Yield {"chosen": [...], "rejected": [...]} records from a .jsonl or .json file; bad records stop
+    with file:line (or file: record N)."""
+    for where, record in jsonl_records(path, PAIR_RECORD):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in ("chosen", "rejected")):
             raise DataError(f'{where}: needs "chosen" and "rejected" message lists')
         check_turns(record["chosen"], where + " (chosen)")
@@ -421,13 +498,16 @@ def records_and_held_out(read: Callable, data: str | Path, eval_data: str | Path
 
 
 def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], tuple[Path, Path]],
-               verbose: bool = True):
+               verbose: bool = True, tokenizer_file: str | Path = ""):
     """The data of a chat stage (SFT, LoRA, DPO): the user's --data (with --eval_data, or every 20th
     record held out), else the stage's default files, default() -> (train path, held-out path).
     Returns (training records, held-out records, their files: the training one, and the held-out
-    one or '' when it is held out of the training file)."""
+    one or '' when it is held out of the training file). tokenizer_file: the file the records will be
+    encoded with, printed so that a run says which tokenizer it used."""
     if eval_data and not data:
         raise ValueError("--eval_data needs --data (the training records) too")
+    if tokenizer_file and verbose:
+        print(f"tokenizer: {tokenizer_file}")
     train_path, eval_path = (data, eval_data) if data else default()
     train, held_out = records_and_held_out(read, train_path, eval_path, announce=verbose)
     return train, held_out, str(train_path), str(eval_path or "")

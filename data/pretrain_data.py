@@ -308,6 +308,8 @@ def prepare_pretraining_data(data: tuple, tokenizer_path: str, vocab_size: int, 
         tok_path = ROOT / tok_path
     if tok_path.exists():
         tokenizer = load_tokenizer(tok_path)
+        if verbose:   # which file, so that a run never silently uses a tokenizer someone replaced
+            print(f"tokenizer: {tok_path} ({tokenizer.vocab_size:,} tokens, fingerprint {tokenizer.fingerprint})")
     else:
         if verbose:
             print(f"tokenizer: {tok_path} missing, training a {vocab_size}-token BPE on the training text")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.chat_data import read_conversations, read_preference_pairs, stage_data
 from data.corpus import fortune_entries, split_english
 from data.pretrain_data import (DataError, MixedBatches, TokenBin, prepare_dataset, read_documents,
                                 rows_per_source)
@@ -130,3 +131,96 @@ def test_mixed_batches_take_rows_from_each_source(tmp_path):
     assert torch.equal(y[:, :-1], x[:, 1:])
     with pytest.raises(ValueError, match="one per source"):
         MixedBatches({"low": TokenBin(low, np.uint16)}, {"high": 1.0})
+
+
+# --- chat data (data/chat_data.py): the formats people have, and chat advice for the rest ---
+
+CHAT = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
+CHAT_RECORDS = {
+    "openai": {"messages": CHAT},
+    "minimind": {"conversations": CHAT},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Add 2 and 3."}, {"from": "gpt", "value": "5"}]},
+    "alpaca": {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("kind", list(CHAT_RECORDS))
+def test_chat_data_accepts_the_common_formats_as_jsonl_or_a_json_array(tmp_path, kind, suffix):
+    path = tmp_path / f"chat{suffix}"
+    records = [CHAT_RECORDS[kind]] * 3
+    if suffix == ".json":       # alpaca's usual file: one JSON array, pretty-printed
+        path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert [r["conversations"] for r in read_conversations(path)] == [CHAT] * 3
+
+
+def test_sharegpt_system_turn_and_json_lines_saved_as_json(tmp_path):
+    path = tmp_path / "sharegpt.json"          # many datasets name a JSON Lines file .json
+    record = {"conversations": [{"from": "system", "value": "Be brief."}, *CHAT_RECORDS["sharegpt"]["conversations"]]}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    (first, _) = read_conversations(path)
+    assert first["conversations"] == [{"role": "system", "content": "Be brief."}, *CHAT]
+
+
+@pytest.mark.parametrize("name,content", [("chat.csv", "instruction,input,output\nAdd 2 and 3.,,5\n"),
+                                          ("chat.txt", "User: hi\nAssistant: yo\n")])
+def test_other_chat_files_get_one_line_of_chat_advice(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        list(read_conversations(path))
+    message = str(error.value)
+    assert name in message and ".jsonl" in message and '"messages"' in message and "alpaca" in message
+    assert '{"text"' not in message and "\n" not in message      # not the pretraining advice
+
+
+@pytest.mark.parametrize("records,message", [
+    ([CHAT_RECORDS["openai"], {"text": "hi"}], 'chat.json: record 2: not a chat record (found keys: text'),
+    ([CHAT_RECORDS["openai"], {"conversations": [{"from": "bot", "value": "hi"}]}],
+     "chat.json: record 2: message 0 has \"from\": 'bot'"),
+    ([CHAT_RECORDS["openai"], {"messages": [{"role": "user", "content": "hi"}]}],
+     "chat.json: record 2: the conversation has no final assistant turn"),
+])
+def test_bad_chat_records_in_a_json_array_name_the_record(tmp_path, records, message):
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        list(read_conversations(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_broken_json_array_names_file_and_line(tmp_path):
+    path = tmp_path / "chat.json"
+    path.write_text('[\n  {"messages": []},\n  {"messages": \n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"chat\.json:4: not valid JSON .*a \.json file must hold one list"):
+        list(read_conversations(path))
+
+
+def test_preference_pairs_read_from_a_json_array(tmp_path):
+    pair = {"chosen": CHAT, "rejected": [CHAT[0], {"role": "assistant", "content": "6"}]}
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([pair, pair]), encoding="utf-8")
+    assert [p["rejected"][-1]["content"] for p in read_preference_pairs(path)] == ["6", "6"]
+    (tmp_path / "pairs.csv").write_text("chosen,rejected\n5,6\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r'pairs\.csv: .*\.jsonl.*"chosen"'):
+        list(read_preference_pairs(tmp_path / "pairs.csv"))
+
+
+# --- which tokenizer a run uses is printed ---
+
+def test_pretraining_data_names_its_tokenizer_file(tmp_path, tok, capsys):
+    from data.pretrain_data import prepare_pretraining_data
+    text, tok_path = tmp_path / "a.txt", tmp_path / "my_tok.json"
+    text.write_text(TEXT, encoding="utf-8")
+    tok.save(tok_path)
+    prepare_pretraining_data((str(text),), str(tok_path), 300, str(tmp_path / "cache"))
+    assert f"tokenizer: {tok_path} ({tok.vocab_size} tokens, fingerprint {tok.fingerprint})" in capsys.readouterr().out
+
+
+def test_chat_stage_data_names_its_tokenizer_file(tmp_path, capsys):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CHAT_RECORDS["openai"]) + "\n" * 2 + json.dumps(CHAT_RECORDS["openai"]) + "\n")
+    stage_data(read_conversations, str(path), "", lambda: None, tokenizer_file="weight/sft/tokenizer.json")
+    assert "tokenizer: weight/sft/tokenizer.json" in capsys.readouterr().out

@@ -42,7 +42,7 @@ def test_alpaca_records_are_read_as_conversations(tmp_path):
 
 @pytest.mark.parametrize("line,message", [
     ("{not json", "a.jsonl:2: not valid JSON"),
-    ('{"text": "hi"}', 'a.jsonl:2: no "conversations" list'),
+    ('{"text": "hi"}', 'a.jsonl:2: not a chat record (found keys: text'),
     ('{"conversations": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}',
      "a.jsonl:2: roles out of order"),
     ('{"conversations": [{"role": "user", "content": "hi"}]}', "a.jsonl:2: the conversation has no final assistant"),

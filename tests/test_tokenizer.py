@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +271,31 @@ def _random_texts(n, seed):
     pool += ["'s", "'LL", " the", "\r\n", "<|im_end|>"]
     rng = random.Random(seed)
     return ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+# --- the command: `python -m tokenizer.train` never replaces a tokenizer it was not told to ---
+
+def test_train_command_writes_a_new_file_by_default_not_the_projects_tokenizer(tmp_path, monkeypatch):
+    import tokenizer.train as train_cli
+    from tokenizer import DEFAULT_TOKENIZER_PATH
+    assert Path(train_cli.DEFAULT_OUT_PATH).resolve() != DEFAULT_TOKENIZER_PATH
+    (tmp_path / "a.txt").write_text(ENGLISH * 10, encoding="utf-8")
+    monkeypatch.setattr(train_cli, "DEFAULT_OUT_PATH", tmp_path / "trained.json")
+    train_cli.main(["--input", str(tmp_path / "a.txt"), "--vocab_size", "280", "--quiet"])
+    assert Tokenizer.load(tmp_path / "trained.json").vocab_size == 280
+
+
+def test_train_command_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
+    import tokenizer.train as train_cli
+    (tmp_path / "a.txt").write_text(ENGLISH * 10, encoding="utf-8")
+    out = tmp_path / "tok.json"
+    out.write_text("keep me")
+    args = ["--input", str(tmp_path / "a.txt"), "--vocab_size", "280", "--out", str(out), "--quiet"]
+    with pytest.raises(SystemExit) as refused:
+        train_cli.main(args)
+    message = str(refused.value.code)
+    assert f"{out} already exists" in message and "--overwrite" in message and "\n" not in message
+    assert out.read_text() == "keep me"
+    train_cli.main(args + ["--overwrite"])
+    assert Tokenizer.load(out).vocab_size == 280
+    assert f"saved {out}" in capsys.readouterr().out

@@ -199,7 +199,7 @@ def read_tokenizer_file(path, builders: dict[str, Callable[[dict], Tokenizer]]) 
     """
     path = Path(path)
     if path.resolve() == DEFAULT_TOKENIZER_PATH:
-        rebuild = "run `python -m tokenizer.train` or `python pretrain.py`"
+        rebuild = "run `python pretrain.py` (or `python -m tokenizer.train --out tokenizer/default.json`)"
     else:
         rebuild = f"run `python -m tokenizer.train --input FILE... --out {path}`"
     if not path.exists():

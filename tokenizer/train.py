@@ -6,8 +6,10 @@ Train a BPE tokenizer on text files and save it as one JSON file.
 .txt files are plain UTF-8 text; .jsonl files hold one JSON object per line and
 their "text" field is used (the minimind pretraining format). Files are streamed,
 never loaded whole. With no --input, the default corpus that `python pretrain.py`
-builds (data/default/*_train.txt) is used and the result becomes the default
-tokenizer, tokenizer/default.json.
+builds (data/default/*_train.txt) is used. With no --out the result goes to
+tokenizer/trained.json, never to the project's tokenizer/default.json, and an existing
+file is only replaced with --overwrite: a checkpoint's tokens mean nothing under
+another tokenizer. Use the new one with `python pretrain.py --tokenizer FILE`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
+from .tokenizer import Tokenizer
 
 DEFAULT_VOCAB_SIZE = 4096  # the default pipeline's size (pretrain.py --vocab_size); 8192+ for bigger models
 DEFAULT_CORPUS_DIR = Path(__file__).resolve().parent.parent / "data" / "default"  # written by the data pipeline
+DEFAULT_OUT_PATH = Path(__file__).resolve().parent / "trained.json"  # not default.json: that one is the project's
 TEXT_BLOCK_CHARS = 1_000_000  # .txt files reach the trainer in blocks of about this many characters
 
 
@@ -92,8 +95,8 @@ def read_texts(paths: Sequence[str | Path], max_bytes: int | None = None) -> Ite
             yield text
 
 
-def train_tokenizer_on_files(paths: Sequence[str | Path], vocab_size: int = DEFAULT_VOCAB_SIZE,
-                             out_path: str | Path = DEFAULT_TOKENIZER_PATH, max_bytes: int | None = None,
+def train_tokenizer_on_files(paths: Sequence[str | Path], vocab_size: int, out_path: str | Path,
+                             max_bytes: int | None = None,
                              verbose: bool = False, progress: bool = True) -> Tokenizer:
     """Train a tokenizer of `vocab_size` tokens on files, save it to out_path (atomically), return it."""
     tok = Tokenizer.from_texts(read_texts(paths, max_bytes), vocab_size, verbose=verbose, progress=progress)
@@ -125,7 +128,8 @@ def main(argv=None):
                         help=f"training files (default: {DEFAULT_CORPUS_DIR}/*_train.txt, built by `python pretrain.py`)")
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="tokens in the vocabulary: 256 bytes + merges + 3 special tokens (default %(default)s)")
-    parser.add_argument("--out", default=str(DEFAULT_TOKENIZER_PATH), help="output JSON file (default %(default)s)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT_PATH), help="output JSON file (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--max_mb", type=float, default=None, help="train on at most this many MB of text")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or merge log")
     args = parser.parse_args(argv)
@@ -134,6 +138,8 @@ def main(argv=None):
     if not paths:
         sys.exit(f"error: no --input given and no default corpus in {DEFAULT_CORPUS_DIR}: "
                  f"run `python pretrain.py` (builds corpus and tokenizer) or pass --input FILE...")
+    if Path(args.out).exists() and not args.overwrite:   # checked before minutes of training, not after
+        sys.exit(f"error: {args.out} already exists; pass --overwrite to replace it, or give another --out")
     max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
     try:
         t0 = time.perf_counter()
@@ -145,7 +151,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(f"trained {tok.vocab_size:,} tokens on {n_bytes / 1e6:.2f} MB in {seconds:.1f} s; "
           f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on the input; saved {args.out} "
-          f"(fingerprint {tok.fingerprint})")
+          f"(fingerprint {tok.fingerprint}); use it with `python pretrain.py --tokenizer {args.out}`")
 
 
 if __name__ == "__main__":
