@@ -38,8 +38,8 @@ from model import IGNORE_INDEX, moe_aux_loss
 from runtime import finish, setup_runtime
 from scoring import before_and_after, greedy_answers, task_accuracy
 from tokenizer.chat import render_chat
-from training import TrainConfig, check_train_config, run_training, write_metrics
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
+from weight.checkpoint import TOKENIZER_FILE, load_checkpoint, load_checkpoint_tokenizer
 
 
 @dataclass
@@ -141,7 +141,7 @@ def default_pairs(model, tokenizer, on_policy: int, max_pairs: int, seed: int = 
 
 def main(argv=None):
     started = time.time()
-    cfg = parse_config(DPOConfig, __doc__.split("\n\n")[0].strip(), argv)
+    cfg = resumed_flags(parse_config(DPOConfig, __doc__.split("\n\n")[0].strip(), argv), argv)
     check_train_config(cfg)
     rt = setup_runtime(cfg)
     model, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
@@ -160,7 +160,8 @@ def main(argv=None):
                 write_jsonl(path, pairs)
         return paths
     train_pairs, eval_pairs, _, _ = rt.main_first(
-        lambda: stage_data(read_preference_pairs, cfg.data, cfg.eval_data, generated_pairs, verbose=rt.is_main))
+        lambda: stage_data(read_preference_pairs, cfg.data, cfg.eval_data, generated_pairs, verbose=rt.is_main,
+                           tokenizer_file=Path(cfg.init_from) / TOKENIZER_FILE))
     train = encode_pairs(train_pairs, tokenizer, block, verbose=rt.is_main)
     held_out = encode_pairs(eval_pairs, tokenizer, block, verbose=rt.is_main)
 

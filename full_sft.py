@@ -30,8 +30,8 @@ from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX
 from runtime import finish, setup_runtime
 from scoring import answer_loss_evaluator, before_and_after, task_accuracy
-from training import TrainConfig, check_train_config, run_training, write_metrics
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
+from weight.checkpoint import TOKENIZER_FILE, load_checkpoint, load_checkpoint_tokenizer
 
 
 @dataclass
@@ -61,7 +61,7 @@ def default_data():
 
 def main(argv=None):
     started = time.time()
-    cfg = parse_config(SFTConfig, __doc__.split("\n\n")[0].strip(), argv)
+    cfg = resumed_flags(parse_config(SFTConfig, __doc__.split("\n\n")[0].strip(), argv), argv)
     check_train_config(cfg)
     rt = setup_runtime(cfg)
 
@@ -74,7 +74,8 @@ def main(argv=None):
 
     # 2. data: your files (without --eval_data every 20th conversation is held out), or the generated tasks
     train_records, eval_records, train_path, eval_path = rt.main_first(
-        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_data, verbose=rt.is_main))
+        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_data, verbose=rt.is_main,
+                           tokenizer_file=Path(cfg.init_from) / TOKENIZER_FILE))
     # a decoder-only model reads a conversation as one sequence; an encoder-decoder one as (source, answer)
     train = chat_examples(train_records, tokenizer, model.config, train_path, verbose=rt.is_main)
     held_out = chat_examples(eval_records, tokenizer, model.config, eval_path or train_path, verbose=rt.is_main)

@@ -37,9 +37,9 @@ from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX
 from runtime import finish, setup_runtime
 from scoring import answer_loss_evaluator, task_accuracy
-from training import TrainConfig, check_train_config, run_training, write_metrics
-from weight.checkpoint import (ADAPTER_FILE, WEIGHTS_FILE, adapted_layers, load_adapted_model, load_checkpoint,
-                               load_checkpoint_tokenizer, load_model, save_adapter, save_checkpoint,
+from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
+from weight.checkpoint import (ADAPTER_FILE, TOKENIZER_FILE, WEIGHTS_FILE, adapted_layers, load_adapted_model,
+                               load_checkpoint, load_checkpoint_tokenizer, load_model, save_adapter, save_checkpoint,
                                weights_checksum)
 
 
@@ -176,7 +176,7 @@ def merge_command(cfg: LoRAConfig):
 
 def main(argv=None):
     started = time.time()
-    cfg = parse_config(LoRAConfig, __doc__.split("\n\n")[0].strip(), argv)
+    cfg = resumed_flags(parse_config(LoRAConfig, __doc__.split("\n\n")[0].strip(), argv), argv)
     if cfg.merge:
         return merge_command(cfg)
     check_train_config(cfg)
@@ -189,7 +189,8 @@ def main(argv=None):
 
     # 2. data: the new skill, plus a replay of old skills, plus held-out sets for both
     new_records, eval_records, train_path, eval_path = rt.main_first(
-        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_skill_data, verbose=rt.is_main))
+        lambda: stage_data(read_conversations, cfg.data, cfg.eval_data, default_skill_data, verbose=rt.is_main,
+                           tokenizer_file=Path(cfg.init_from) / TOKENIZER_FILE))
     # the old skills: what the base was fine-tuned on (its config.json names the files), unless given
     old_train_records, old_eval_records, old_where = sft_data_of(base_config)
     if cfg.replay_data:

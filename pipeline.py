@@ -169,6 +169,10 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def bpb(x) -> str:
+    return "-" if x is None else f"{x:.3f}"      # no Chinese corpus installed: no Chinese bpb
+
+
 def summary_table(results: dict) -> str:
     """Markdown tables: each stage's headline numbers with the targets, then accuracy per task family."""
     pre, sft, lora, dpo = (results.get(s, {}) for s in ("pretrain", "sft", "lora", "dpo"))
@@ -184,8 +188,9 @@ def summary_table(results: dict) -> str:
     rows = [("stage", "measured", "result", "target", "met", "wall")]
     if pre:
         rows.append(("pretrain", "val bits per byte (en / zh)",
-                     f"{pre['val_bpb']:.3f} ({pre['val_bpb_en']:.3f} / {pre.get('val_bpb_zh') or float('nan'):.3f})",
-                     TARGETS["pretrain"], check(pre["val_bpb_en"] <= 2.10), wall("pretrain")))
+                     f"{pre['val_bpb']:.3f} ({bpb(pre.get('val_bpb_en'))} / {bpb(pre.get('val_bpb_zh'))})",
+                     TARGETS["pretrain"], check(None if pre.get("val_bpb_en") is None else pre["val_bpb_en"] <= 2.10),
+                     wall("pretrain")))
     if sft:
         rows.append(("sft", "held-out exact match", f"{pct(sft['accuracy_before'])} -> {pct(sft['accuracy'])}",
                      TARGETS["sft"], check(sft["accuracy"] >= 0.5), wall("sft")))
@@ -232,6 +237,20 @@ def markdown_table(rows: list[tuple]) -> str:
     return "\n".join([fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows[1:]])
 
 
+def refuse_foreign_weights(name: str, overwrite: bool, logs: Path):
+    """Weights in a stage's folder with neither metrics.json nor resume.pt were not left by a
+    pipeline run of that stage (it marks the stages it starts) unless that run was cut off before
+    its first evaluation: they may be imported or trained by hand, so they are never replaced unasked."""
+    folder = ROOT / STAGES[name][1]
+    weights = [f for f in (WEIGHTS_FILE, ADAPTER_FILE) if (folder / f).exists()]
+    if overwrite or not weights or (folder / RESUME_FILE).exists() or (logs / f"{name}.started").exists():
+        return
+    later = [s for s in STAGES if list(STAGES).index(s) > list(STAGES).index(name)] + ["eval"]
+    raise ValueError(f"{STAGES[name][1]}/{weights[0]} was not trained by the pipeline (no metrics.json): "
+                     f"to build on it, run the later stages only (python pipeline.py --stages {' '.join(later)}); "
+                     f"to retrain it, move it away or add --overwrite")
+
+
 def main(argv=None):
     cfg = parse_config(PipelineConfig, __doc__.split("\n\n")[0].strip(), argv)
     unknown = set(cfg.stages) - set(STAGES) - {"eval"}
@@ -244,6 +263,8 @@ def main(argv=None):
     todo = [name for name in STAGES if name in cfg.stages
             and (cfg.overwrite or not (ROOT / STAGES[name][1] / "metrics.json").exists())]
     todo += ["eval"] * ("eval" in cfg.stages)
+    for name in todo:
+        refuse_foreign_weights(name, cfg.overwrite, logs)
     planned = {name: 0.0 for name in todo}
     if cfg.estimate and todo:
         step = calibration_seconds(cfg.device, cfg.dtype)
@@ -264,12 +285,15 @@ def main(argv=None):
             show(f"=== {name}: {out_dir}/metrics.json exists, kept (--overwrite retrains it)")
             continue
         extra = ["--device", cfg.device, "--dtype", cfg.dtype, "--seed", str(cfg.seed)]
+        started_mark = logs / f"{name}.started"       # "the pipeline began this stage": removed when it ends
         if not cfg.overwrite and (folder / RESUME_FILE).exists():
             extra.append("--resume")           # cut off midway: go on from its last evaluation
         elif cfg.overwrite or any((folder / f).exists() for f in (WEIGHTS_FILE, ADAPTER_FILE)):
             extra.append("--overwrite")        # retrain (or, with nothing to resume from, start over)
         on_progress = (lambda f, name=name: progress.update(name, f)) if progress else (lambda f: None)
+        atomic_write_text(started_mark, " ".join(command + extra) + "\n")
         seconds[name] = run_stage(name, command + extra, logs / f"{name}.log", progress=on_progress, show=show)
+        started_mark.unlink()
         if progress:
             progress.finish(name)
 

@@ -32,7 +32,7 @@ from flags import arg, explicit_flags, main_guard, parse_config
 from model import ModelConfig, build_model
 from runtime import finish, setup_runtime
 from tokenizer import DEFAULT_TOKENIZER_PATH
-from training import TrainConfig, check_train_config, run_training, write_metrics
+from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
 from weight.checkpoint import ROOT, check_tokenizer_matches, load_checkpoint
 
 
@@ -117,6 +117,7 @@ def main(argv=None):
     started = time.time()
     cfg, model_flags = parse_config(PretrainConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS,
                                     model_flags=True)
+    cfg, model_flags = resumed_flags(cfg, argv, model_flags)     # --resume: the flags of the run it continues
     check_train_config(cfg)        # bad flags fail now, not after minutes of data preparation
     if not cfg.init_from:
         objective_batches(cfg.objective, ModelConfig(**model_flags))

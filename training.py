@@ -21,7 +21,9 @@ import contextlib
 import csv
 import dataclasses
 import json
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from atomic import atomic_path, atomic_write_text
-from flags import arg
+from flags import arg, explicit_flags
 from model import moe_layers
 from optim import lr_at, make_optimizer
 from runtime import Runtime
@@ -210,14 +212,19 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
     check_train_config(cfg)
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # the weights here are about to change: a metrics.json of an earlier run no longer describes
+        # them (a run cut off now must not look finished); the stage writes a new one at the end
+        (out_dir / METRICS_FILE).unlink(missing_ok=True)
     model.to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
     batch_rng = torch.Generator().manual_seed(cfg.seed + rt.rank)  # data order, saved for resume
-    state = {"step": 0, "best_val_loss": float("inf"), "tokens": 0, "seconds": 0.0}
+    state = {"step": 0, "best_val_loss": float("inf"), "tokens": 0, "seconds": 0.0, "start_val_loss": None}
+    meta = {**meta, "stage": stage, "train": {**dataclasses.asdict(cfg), "preset": getattr(cfg, "preset", None)}}
+    run = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config), "tokenizer": meta.get("tokenizer")}
 
     resume_path = out_dir / RESUME_FILE
     if cfg.resume:
-        state = load_resume_state(resume_path, model, optimizer, batch_rng, cfg, rt)
+        state = {"start_val_loss": None, **load_resume_state(resume_path, model, optimizer, batch_rng, cfg, rt, run)}
 
     train_model = torch.compile(model) if cfg.compile else model
     if rt.distributed:
@@ -230,7 +237,6 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
     expert_columns = [f"expert_{e}" for e in range(n_experts)] + ["moe_aux_loss"] * bool(n_experts)
     log = CsvLog(out_dir / LOG_FILE, resume_step=state["step"] if cfg.resume else None,
                  extra_columns=expert_columns) if rt.is_main else None
-    meta = {**meta, "stage": stage, "train": {**dataclasses.asdict(cfg), "preset": getattr(cfg, "preset", None)}}
 
     def eval_and_checkpoint(step: int):
         """Evaluate, keep the best weights, write a resumable state (main process writes)."""
@@ -249,7 +255,11 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
                 metrics["dropped_share"] = routed["dropped_share"]
         log.write(step=step, tokens=state["tokens"], seconds=state["seconds"], **metrics,
                   **{f"expert_{e}": share for e, share in enumerate(routed.get("expert_share", []))})
-        improved = metrics["val_loss"] < state["best_val_loss"]
+        # step 0 is the starting point (random, or the previous stage's model): it is measured, never
+        # kept as the result, so a run always saves weights it trained
+        if step == 0:
+            state["start_val_loss"] = metrics["val_loss"]
+        improved = step > 0 and metrics["val_loss"] < state["best_val_loss"]
         if improved:
             state["best_val_loss"] = metrics["val_loss"]
             save_weights(out_dir, model, {**meta, "step": step, "metrics": metrics}, tokenizer)
@@ -258,7 +268,7 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
         state["step"] = step
         with atomic_path(resume_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "batch_rng": batch_rng_states, "rng": rng_state(), "state": dict(state)}, tmp)
+                        "batch_rng": batch_rng_states, "rng": rng_state(), "state": dict(state), "run": run}, tmp)
         return metrics
 
     model.train()
@@ -327,16 +337,29 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
     routing.close()
     if rt.is_main:
         plot_log(out_dir / LOG_FILE, out_dir / PLOT_FILE, f"{stage}: {out_dir}")
+        start = state["start_val_loss"]
+        if start is not None and start <= state["best_val_loss"]:
+            tqdm.write(f"note: before training the validation loss was {start:.4f}, the best trained step's "
+                       f"{state['best_val_loss']:.4f}: training did not help on held-out data (the trained "
+                       f"weights are saved; a lower --lr, more steps or more data may)")
     return {"step": end_step, "tokens": state["tokens"], "seconds": state["seconds"],
             "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9), **(metrics or {})}
 
 
 def load_resume_state(resume_path: Path, model, optimizer, batch_rng: torch.Generator, cfg: TrainConfig,
-                      rt: Runtime) -> dict:
-    """Continue a run: weights, optimizer, data order and every RNG from resume.pt; returns the loop's state."""
+                      rt: Runtime, run: dict) -> dict:
+    """Continue a run: weights, optimizer, data order and every RNG from resume.pt; returns the loop's state.
+    run: this run's flags, model and tokenizer; the tokenizer must be the one the saved run used."""
     if not resume_path.exists():
         raise FileNotFoundError(f"{resume_path} not found: nothing to resume; drop --resume to start fresh")
     saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+    was = ((saved.get("run") or {}).get("tokenizer") or {}).get("fingerprint")
+    now = (run.get("tokenizer") or {}).get("fingerprint")
+    if was and now and was != now:
+        # same ids, different meanings: the weights would go on learning under new token ids
+        raise ValueError(f"{resume_path} was trained with tokenizer {was}, this run has {now} (the tokenizer file "
+                         f"changed since): resume with the one it used ({resume_path.parent}/tokenizer.json is "
+                         f"its copy, once weights were saved) or start over with --overwrite")
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -351,6 +374,47 @@ def load_resume_state(resume_path: Path, model, optimizer, batch_rng: torch.Gene
     if rt.is_main:
         print(f"resuming from {resume_path} at step {saved['state']['step']}")
     return saved["state"]
+
+
+# What a resumed run may change when given again: how long it runs and how it runs or reports, never
+# what it learns from (a --tokenizer given again is checked by its fingerprint when the run resumes).
+MAY_CHANGE_ON_RESUME = {"max_steps", "time_budget", "eval_interval", "eval_tokens", "log_interval", "device", "dtype",
+                        "compile", "tokenizer"}
+
+
+def resumed_flags(cfg, argv=None, model_flags: Optional[dict] = None):
+    """--resume continues a run with the flags it was started with (its data, tokenizer, model, learning
+    rate, ...), read from out_dir/resume.pt: a flag left out is taken from there, a flag given now that
+    contradicts it is refused in one line. Returns cfg (and model_flags, for pretrain.py)."""
+    path = Path(cfg.out_dir) / RESUME_FILE
+    run = None
+    if cfg.resume and path.exists():
+        run = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run")
+    if run is None:                       # nothing to resume (the loop says so), or a resume.pt of an older version
+        return cfg if model_flags is None else (cfg, model_flags)
+    given = explicit_flags(list(argv if argv is not None else sys.argv[1:])) | {"resume", "overwrite"}
+
+    def plain(value):                     # a list and a tuple of the same names are the same flag value
+        return list(value) if isinstance(value, (list, tuple)) else value
+    taken = []
+    for saved, current in ((run["train"], dataclasses.asdict(cfg)), (run["model"], model_flags or {})):
+        for name, now in current.items():
+            if name not in saved or plain(now) == plain(saved[name]):
+                continue
+            if name in given:
+                if name in MAY_CHANGE_ON_RESUME or name in ("resume", "overwrite"):
+                    continue
+                raise ValueError(f"--{name} {now}: {cfg.out_dir} was started with --{name} {saved[name]}, and a "
+                                 f"resumed run keeps its flags: drop --{name}, or start over with --overwrite")
+            if current is model_flags:
+                model_flags[name] = saved[name]
+            else:
+                setattr(cfg, name, saved[name])
+                shown = " ".join(map(str, saved[name])) if isinstance(saved[name], (list, tuple)) else saved[name]
+                taken.append(f"--{name} {shown}")
+    if taken and os.environ.get("RANK", "0") == "0":         # (under torchrun: once)
+        print(f"resume: the run's own flags, from {path}: {' '.join(taken)}" + " (and its model)" * bool(model_flags))
+    return cfg if model_flags is None else (cfg, model_flags)
 
 
 def gather_rng_states(generator: torch.Generator, rt: Runtime) -> list:

@@ -67,7 +67,10 @@ def test_dpo_runs_end_to_end_and_reports_preferences(tiny_pretrained, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("preference_accuracy", "reward_margin", "accuracy", "accuracy_by_family", "accuracy_before"):
         assert metrics[key] is not None, key
-    assert 0 <= metrics["preference_accuracy"] <= 1
+    # the saved weights are trained ones, never the step-0 copy of the SFT model (whose margins are all 0)
+    assert metrics["preference_accuracy"] > 0
+    start, saved = (torch.load(d / "model.pt", weights_only=True) for d in (sft, out))
+    assert any(not torch.equal(start[k], saved[k]) for k in start)
     import csv
     with open(out / "log.csv", newline="") as f:
         step0 = next(row for row in csv.DictReader(f) if row["step"] == "0" and row["val_loss"])

@@ -63,7 +63,9 @@ def test_a_stage_cut_off_midway_is_resumed_or_started_over(tmp_path, monkeypatch
     (tmp_path / "weight" / "lora" / "adapter.pt").write_bytes(b"step 0")      # killed after an evaluation
     (tmp_path / "weight" / "lora" / "resume.pt").write_bytes(b"step 130")
     (tmp_path / "weight" / "dpo").mkdir()
-    (tmp_path / "weight" / "dpo" / "model.pt").write_bytes(b"step 0")         # killed before any resume.pt
+    (tmp_path / "weight" / "dpo" / "model.pt").write_bytes(b"step 0")         # killed before any resume.pt,
+    (tmp_path / "weight" / "eval").mkdir()
+    (tmp_path / "weight" / "eval" / "dpo.started").write_text("dpo.py")       # in a stage the pipeline began
     ran = {}
 
     def fake_run(name, command, log_path, **_):
@@ -76,6 +78,30 @@ def test_a_stage_cut_off_midway_is_resumed_or_started_over(tmp_path, monkeypatch
     pipeline.main(["--stages", "pretrain", "sft", "lora", "dpo"])
     assert "--resume" in ran["lora"] and "--overwrite" not in ran["lora"]
     assert "--overwrite" in ran["dpo"] and "--resume" not in ran["dpo"]
+
+
+def test_weights_the_pipeline_did_not_train_are_never_replaced_unasked(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    imported = tmp_path / "weight" / "pretrain"
+    imported.mkdir(parents=True)
+    (imported / "model.pt").write_bytes(b"imported with python -m weight import")   # no metrics.json, no resume.pt
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, command, log_path, **_: ran.append(name) or 1.0)
+    monkeypatch.setattr(pipeline, "calibration_seconds", lambda device, dtype: 0.1)
+    with pytest.raises(ValueError, match=r"weight/pretrain/model.pt was not trained by the pipeline.*"
+                                         r"--stages sft lora dpo eval.*--overwrite"):
+        pipeline.main([])
+    assert ran == [] and (imported / "model.pt").read_bytes() == b"imported with python -m weight import"
+    pipeline.main(["--stages", "pretrain", "--overwrite"])       # asked for: retrained
+    assert ran == ["pretrain"]
+
+
+def test_the_table_of_an_english_only_run_shows_no_chinese_figure():
+    pre = {"val_bpb": 2.05, "val_bpb_en": 2.05, "val_bpb_zh": None}      # setup without fortunes-zh
+    choice = {"pretrain": {"accuracy_norm": 0.3, "chance": 0.25, "accuracy_norm_by_family": {"next_line": 0.3}}}
+    table = pipeline.summary_table({"pretrain": pre, "sft": SFT, "choice": choice, "seconds": {"pretrain": 1.0}})
+    row = next(line for line in table.splitlines() if line.startswith("| pretrain "))
+    assert "2.050 (2.050 / -)" in row and "| yes" in row
 
 
 def test_unknown_stages_are_refused_with_the_list():

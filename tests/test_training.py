@@ -180,7 +180,84 @@ def test_a_second_fresh_run_never_replaces_a_trained_model(corpus, tmp_path):
 def test_resume_with_other_model_flags_is_one_clear_line(corpus, tmp_path):
     pretrain.main(tiny_args(corpus, tmp_path / "run"))
     result = run_cli("pretrain.py", *tiny_args(corpus, tmp_path / "run", "--n_embd", "64", "--resume"))
-    assert result.returncode == 2 and "different model" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--n_embd 64" in result.stderr and "started with --n_embd 32" in result.stderr
+
+
+def crash_at_batch(monkeypatch, n: int):
+    """The n-th training batch raises, as a kill would stop the run there."""
+    original, calls = TokenBin.random_batch, {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(TokenBin, "random_batch", crashing)
+    return lambda: monkeypatch.setattr(TokenBin, "random_batch", original)
+
+
+def test_resume_takes_the_runs_own_data_tokenizer_and_model_flags(corpus, tmp_path, monkeypatch, capsys):
+    pretrain.main(tiny_args(corpus, tmp_path / "straight", "--lr", "3e-3"))
+    restore = crash_at_batch(monkeypatch, 11)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain.main(tiny_args(corpus, tmp_path / "resumed", "--lr", "3e-3"))
+    restore()
+    pretrain.main(["--out_dir", str(tmp_path / "resumed"), "--resume"])      # nothing else repeated
+    assert "--data " + str(corpus / "text.txt") in capsys.readouterr().out
+    straight, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)   # same data, model, lr: same run
+    config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert config["train"]["data"] == [str(corpus / "text.txt")] and config["train"]["lr"] == 3e-3
+
+
+def test_resume_refuses_a_flag_that_contradicts_the_run(corpus, tmp_path):
+    pretrain.main(tiny_args(corpus, tmp_path / "run", "--max_steps", "4"))
+    result = run_cli("pretrain.py", *tiny_args(corpus, tmp_path / "run", "--max_steps", "8", "--lr", "5e-3",
+                                               "--resume"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--lr 0.005" in result.stderr and "started with --lr 0.003" in result.stderr
+    extended = run_cli("pretrain.py", *tiny_args(corpus, tmp_path / "run", "--max_steps", "8", "--resume"))
+    assert extended.returncode == 0, extended.stderr[-2000:]      # more steps: allowed
+
+
+def test_resume_refuses_a_tokenizer_that_changed_since(corpus, tmp_path):
+    import shutil
+    tok = tmp_path / "tok.json"
+    args = tiny_args(corpus, tmp_path / "run", "--max_steps", "4") + ["--tokenizer", str(tok)]
+    pretrain.main(args)
+    other = tmp_path / "other"                 # retrain the tokenizer file, same size, other text
+    other.mkdir()
+    (other / "t.txt").write_text("".join(f"{i} zebra yak xylophone wombat\n" for i in range(400)), encoding="utf-8")
+    pretrain.main(["--data", str(other / "t.txt"), "--tokenizer", str(other / "tok.json"), "--vocab_size", "300",
+                   "--cache_dir", str(other / "cache"), "--out_dir", str(other / "run"), "--max_steps", "1",
+                   "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "16", "--sample_tokens", "0"])
+    shutil.copy(other / "tok.json", tok)
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    result = run_cli("pretrain.py", *args, "--max_steps", "8", "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tokenizer" in result.stderr and "tokenizer.json" in result.stderr
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+
+
+def test_an_overwrite_cut_off_midway_leaves_no_stale_metrics(corpus, tmp_path, monkeypatch):
+    pretrain.main(tiny_args(corpus, tmp_path / "run"))
+    old_weights = (tmp_path / "run" / "model.pt").read_bytes()
+    restore = crash_at_batch(monkeypatch, 3)          # before the first trained evaluation (step 4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain.main(tiny_args(corpus, tmp_path / "run", "--overwrite", "--lr", "5e-3"))
+    restore()
+    assert not (tmp_path / "run" / "metrics.json").exists()          # nothing looks finished
+    assert (tmp_path / "run" / "model.pt").read_bytes() == old_weights   # the old weights, with their config
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 3e-3
+
+
+def test_the_saved_weights_are_always_trained_ones(corpus, tmp_path, capsys):
+    # a learning rate so high that training makes the held-out loss worse than at step 0
+    pretrain.main(tiny_args(corpus, tmp_path / "run", "--max_steps", "4", "--lr", "5", "--min_lr", "5",
+                            "--warmup_steps", "0", "--grad_clip", "0"))
+    assert "training did not help on held-out data" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] == 4
 
 
 @pytest.mark.parametrize("flag", ["--eval_interval", "--max_steps", "--n_head"])
