@@ -14,8 +14,14 @@ serve.py -- a model behind an OpenAI-compatible HTTP API, with a web chat page.
 Endpoints: GET /v1/models, POST /v1/chat/completions and POST /v1/completions (with
 "stream": true they answer as server-sent events, token by token), GET / (the chat
 page, web/index.html). Every request is checked first (model, roles, max_tokens,
-sampling values, prompt length) and a bad one gets a 4xx JSON error in OpenAI's shape
+sampling values, seed, prompt length) and a bad one gets a 4xx JSON error in OpenAI's shape
 {"error": {"message", "type", "param", "code"}}; the server keeps serving.
+
+Limits (flags): a request body of at most --max_body_bytes (413 past it), at most
+--max_prompts prompts and --max_stop stop strings per request (400), at most
+--max_waiting requests queued for the model (429 "server busy, retry later"). A client
+that hangs up, streaming or not, has its answer cancelled. An unexpected failure is a
+500 with a generic message; its traceback goes to the server's log, never to the client.
 
 Concurrency: one worker thread owns the model. Requests wait in a queue; whatever is
 waiting when the worker is free is generated together as one left-padded batch (those
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import socket
 import threading
@@ -41,7 +48,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from engine import Delta, Engine, LoadConfig, SamplingParams
@@ -51,10 +58,31 @@ from weight.checkpoint import ROOT
 
 WEB_PAGE = ROOT / "web" / "index.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_SEED = 2**63 - 1               # the largest seed torch.Generator.manual_seed takes on every platform
+DISCONNECT_POLL_S = 0.25           # how often a waiting non-streaming request checks that its client is still there
+log = logging.getLogger("uvicorn.error")    # uvicorn's error log: our errors print like its own
 
 
 @dataclass
-class ServeConfig(LoadConfig):
+class Limits:
+    """How much one request, and the queue, may ask of the server: without them one client
+    could fill its memory (a huge body, thousands of prompts) or keep everyone else waiting."""
+    max_body_bytes: int = arg(1_000_000, "largest request body in bytes (413 beyond it)")
+    max_prompts: int = arg(16, "most prompts in one /v1/completions request")
+    max_stop: int = arg(4, "most stop strings in one request (OpenAI allows 4)")
+    max_waiting: int = arg(64, "most requests (prompts) waiting for the model; more get 429 'server busy'")
+
+    def check(self):
+        for name in ("max_body_bytes", "max_prompts", "max_stop", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_waiting < self.max_prompts:
+            raise ValueError(f"--max_waiting ({self.max_waiting}) must be at least --max_prompts "
+                             f"({self.max_prompts}), or the largest request could never be queued")
+
+
+@dataclass
+class ServeConfig(Limits, LoadConfig):
     host: str = arg("127.0.0.1", "address to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every network "
                                  "this machine is on (anyone there can use the model)")
     port: int = arg(8000, "port to listen on")
@@ -69,14 +97,21 @@ class ServeConfig(LoadConfig):
 class ApiError(Exception):
     """A request the server refuses: HTTP status + {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def response(self) -> JSONResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+
+
+# What a client hears when generation fails: the exception's text may hold paths or internals, so it
+# goes to the server's log only
+GENERATION_FAILED = "generation failed: an error inside the server (its log has the details)"
+INTERNAL_ERROR = "internal server error (the server's log has the details)"
 
 
 # ----------------------------------------------------------------------------------
@@ -95,15 +130,22 @@ class Job:
 
     def put(self, item):
         """Called from the worker thread: hand the item to the event loop that awaits it."""
-        self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
+        except RuntimeError:          # the event loop is closed (the server stopped): nobody is listening
+            self.cancelled = True
 
 
 class BatchWorker:
-    """Takes jobs from a queue and runs them in batches on the engine, in its own thread."""
+    """Takes jobs from a queue and runs them in batches on the engine, in its own thread.
+    `waiting` holds the jobs taken from the queue but not yet started, `active` the batch
+    being generated now (the tests watch both)."""
 
     def __init__(self, engine: Engine, max_batch: int):
         self.engine, self.max_batch = engine, max_batch
         self.jobs: queue.Queue[Job] = queue.Queue()
+        self.waiting: list[Job] = []
+        self.active: list[Job] = []
         self.rng = engine.generator(-1)          # unseeded requests share one random stream
         self.largest_batch = 0                   # for the curious (and the tests): did batching happen?
         threading.Thread(target=self.run, name="generation", daemon=True).start()
@@ -111,18 +153,35 @@ class BatchWorker:
     def submit(self, job: Job):
         self.jobs.put(job)
 
+    def queued(self) -> int:
+        """How many jobs wait for their turn (read from the event loop: a moment's miscount is harmless)."""
+        return self.jobs.qsize() + len(self.waiting)
+
     def run(self):
-        waiting: list[Job] = []
         while True:
-            if not waiting:
-                waiting.append(self.jobs.get())      # sleep until there is work
-            while not self.jobs.empty():             # then take everything that has arrived
-                waiting.append(self.jobs.get())
-            waiting = [job for job in waiting if not job.cancelled]
-            if waiting:
-                batch = self.next_batch(waiting)
-                waiting = [job for job in waiting if all(job is not b for b in batch)]
+            batch = self.take()
+            self.active = batch
+            try:
                 self.generate(batch)
+            except Exception:   # one bad batch must not stop the only thread that generates
+                log.exception("generation failed for a batch of %d request(s)", len(batch))
+                for job in batch:
+                    job.put(RuntimeError(GENERATION_FAILED))
+            finally:
+                self.active = []
+
+    def take(self) -> list[Job]:
+        """Wait for work, then take the next batch out of everything that is waiting."""
+        while True:
+            if not self.waiting:
+                self.waiting = [self.jobs.get()]     # sleep until there is work
+            while not self.jobs.empty():             # then take everything that has arrived
+                self.waiting.append(self.jobs.get())
+            self.waiting = [job for job in self.waiting if not job.cancelled]
+            if self.waiting:
+                batch = self.next_batch(self.waiting)
+                self.waiting = [job for job in self.waiting if all(job is not b for b in batch)]
+                return batch
 
     def next_batch(self, waiting: list[Job]) -> list[Job]:
         """The oldest job, plus later ones that can share its batch: the same sampling settings,
@@ -141,27 +200,24 @@ class BatchWorker:
         return batch
 
     def generate(self, batch: list[Job]):
+        """Stream one batch; a row whose client went away (job.cancelled) stops at its next token."""
         params = batch[0].params
         rng = self.engine.generator(params.seed) if params.seed >= 0 else self.rng
         self.largest_batch = max(self.largest_batch, len(batch))
-        try:
-            for delta in self.engine.stream([j.ids for j in batch], params, [j.budget for j in batch],
-                                            [j.params.stop for j in batch], rng,
-                                            cancelled=lambda row: batch[row].cancelled):
-                batch[delta.row].put(delta)
-        except Exception as e:   # noqa: BLE001 -- every waiting client hears of it; the worker lives on
-            for job in batch:
-                job.put(e)
+        for delta in self.engine.stream([j.ids for j in batch], params, [j.budget for j in batch],
+                                        [j.params.stop for j in batch], rng,
+                                        cancelled=lambda row: batch[row].cancelled):
+            batch[delta.row].put(delta)
 
 
 async def deltas_of(job: Job):
     """A job's deltas as they arrive, up to the one with finish_reason. If the caller stops
-    early (a streaming client disconnected), the row is cancelled."""
+    early (a client disconnected), the row is cancelled."""
     try:
         while True:
             delta = await job.deltas.get()
-            if isinstance(delta, Exception):
-                raise ApiError(500, f"generation failed: {type(delta).__name__}: {delta}")
+            if isinstance(delta, Exception):     # the worker failed; the details are in its log
+                raise ApiError(500, GENERATION_FAILED)
             yield delta
             if delta.finish_reason:
                 return
@@ -188,7 +244,7 @@ class GenerationRequest(BaseModel):
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)   # checked here: a seed torch refuses would fail later
     n: int = 1
     stream: bool = False
     stream_options: Optional[dict] = None
@@ -216,8 +272,8 @@ def text_of(content) -> str:
 class Api:
     """The endpoints' logic, around one engine and one worker."""
 
-    def __init__(self, engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int):
-        self.engine, self.defaults, self.model_name = engine, defaults, model_name
+    def __init__(self, engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int, limits: Limits):
+        self.engine, self.defaults, self.model_name, self.limits = engine, defaults, model_name, limits
         self.worker = BatchWorker(engine, max_batch)
 
     def check_model(self, request: GenerationRequest):
@@ -230,24 +286,53 @@ class Api:
     def sampling(self, request: GenerationRequest) -> SamplingParams:
         """The request's settings over the server's defaults, checked."""
         changes = {name: getattr(request, name) for name in SAMPLING_FIELDS if getattr(request, name) is not None}
-        max_tokens = request.max_completion_tokens or request.max_tokens
-        if max_tokens is not None:
-            if not 1 <= max_tokens <= self.engine.context:
-                raise ApiError(400, f"max_tokens must be between 1 and {self.engine.context} (the model's "
-                                    f"context), got {max_tokens}", "max_tokens")
-            changes["max_new_tokens"] = max_tokens
+        # max_tokens is OpenAI's old name; when both are given, the new one wins. `is not None`, not `or`:
+        # 0 is a value (a wrong one), not "absent"
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(request, name)
+            if value is not None:
+                if not 1 <= value <= self.engine.context:
+                    raise ApiError(400, f"{name} must be between 1 and {self.engine.context} (the model's "
+                                        f"context), got {value}", name)
+                changes["max_new_tokens"] = value
         if request.stop is not None:
             changes["stop"] = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
+            if len(changes["stop"]) > self.limits.max_stop:
+                raise ApiError(400, f"stop: at most {self.limits.max_stop} stop strings, got "
+                                    f"{len(changes['stop'])}", "stop")
         try:
             return self.defaults.replace(**changes).validate()
         except ValueError as e:
             raise ApiError(400, str(e), str(e).split()[0]) from None
 
-    def submit(self, ids: list[int], params: SamplingParams) -> Job:
-        budget = min(params.max_new_tokens, self.engine.room(len(ids)))
-        job = Job(ids, params, budget, asyncio.get_running_loop())
-        self.worker.submit(job)
-        return job
+    def submit(self, all_ids: list[list[int]], params: SamplingParams) -> list[Job]:
+        """Queue one job per prompt, all or none: a full queue answers 429 (the openai client retries)."""
+        if self.worker.queued() + len(all_ids) > self.limits.max_waiting:
+            raise ApiError(429, f"server busy, retry later ({self.limits.max_waiting} requests are waiting "
+                                f"for the model already)", code="server_busy", headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        jobs = [Job(ids, params, min(params.max_new_tokens, self.engine.room(len(ids))), loop) for ids in all_ids]
+        for job in jobs:
+            self.worker.submit(job)
+        return jobs
+
+    def chat_ids(self, messages: list) -> list[int]:
+        """A conversation, checked, -> prompt ids. Runs in a thread: a long text takes a while to tokenize."""
+        try:
+            check_messages(messages, where="messages")
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        try:
+            return self.engine.prompt_ids(messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+
+    def text_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Texts to continue -> prompt ids (in a thread, like chat_ids)."""
+        try:
+            return [self.engine.text_ids(p) for p in prompts]
+        except ValueError as e:
+            raise ApiError(400, str(e), "prompt", "context_length_exceeded") from None
 
     def models(self) -> dict:
         defaults = {name: getattr(self.defaults, name) for name in SAMPLING_FIELDS}
@@ -259,20 +344,14 @@ class Api:
 
     # --- /v1/chat/completions ---------------------------------------------------------
 
-    async def chat(self, request: ChatRequest):
+    async def chat(self, request: ChatRequest, http: Request):
         self.check_model(request)
         messages = [{"role": "system" if m.get("role") == "developer" else m.get("role"),
                      "content": text_of(m.get("content"))} if isinstance(m, dict) else m for m in request.messages]
-        try:
-            check_messages(messages, where="messages")
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
         params = self.sampling(request)
-        try:
-            ids = self.engine.prompt_ids(messages)
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
-        job = self.submit(ids, params)
+        # tokenizing in the event loop would stall every other client while a long prompt is encoded
+        ids = await asyncio.to_thread(self.chat_ids, messages)
+        [job] = self.submit([ids], params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
         if request.stream:
             def chunk(delta: dict, finish_reason=None) -> dict:
@@ -281,24 +360,24 @@ class Api:
             return sse_response(job, chunk({"role": "assistant", "content": ""}),
                                 lambda d: chunk({"content": d.text}), lambda d: chunk({}, d.finish_reason),
                                 head, "chat.completion.chunk", include_usage(request))
-        text, last = await collect(job)
+        [(text, last)] = await answers([job], http)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": last.finish_reason}], "usage": usage(job, last)}
 
     # --- /v1/completions ----------------------------------------------------------------
 
-    async def complete(self, request: CompletionRequest):
+    async def complete(self, request: CompletionRequest, http: Request):
         self.check_model(request)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if not prompts or (request.stream and len(prompts) > 1):
             raise ApiError(400, "prompt must be one text (or a non-empty list of texts without streaming)", "prompt")
+        if len(prompts) > self.limits.max_prompts:
+            raise ApiError(400, f"prompt: at most {self.limits.max_prompts} prompts in one request, got "
+                                f"{len(prompts)}: send several requests", "prompt")
         params = self.sampling(request)
-        try:
-            all_ids = [self.engine.text_ids(p) for p in prompts]
-        except ValueError as e:
-            raise ApiError(400, str(e), "prompt", "context_length_exceeded") from None
-        jobs = [self.submit(ids, params) for ids in all_ids]
+        all_ids = await asyncio.to_thread(self.text_ids, prompts)       # off the event loop, as in chat
+        jobs = self.submit(all_ids, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
 
         def choice(i: int, text: str, finish_reason=None) -> dict:
@@ -308,7 +387,7 @@ class Api:
                 return {**head, "object": "text_completion", "choices": [choice(0, text, finish_reason)]}
             return sse_response(jobs[0], None, lambda d: chunk(d.text), lambda d: chunk("", d.finish_reason),
                                 head, "text_completion", include_usage(request))
-        results = await asyncio.gather(*(collect(job) for job in jobs))
+        results = await answers(jobs, http)
         tokens = sum(last.tokens for _, last in results)
         prompt_tokens = sum(len(ids) for ids in all_ids)
         return {**head, "object": "text_completion",
@@ -323,6 +402,21 @@ async def collect(job: Job) -> tuple[str, Delta]:
     async for delta in deltas_of(job):
         text, last = text + delta.text, delta
     return text, last
+
+
+async def answers(jobs: list[Job], http: Request) -> list[tuple[str, Delta]]:
+    """The whole answers of jobs (collect). Nothing is sent until they are done, so nothing would
+    notice a client that hangs up: look every DISCONNECT_POLL_S, and if it has, cancel its jobs
+    (their rows stop at the next token; queued ones never start)."""
+    together = asyncio.ensure_future(asyncio.gather(*(collect(job) for job in jobs)))
+    while not together.done():
+        await asyncio.wait([together], timeout=DISCONNECT_POLL_S)
+        if not together.done() and await http.is_disconnected():
+            together.cancel()              # collect -> deltas_of's `finally` marks each job cancelled
+            for job in jobs:
+                job.cancelled = True
+            raise ApiError(499, "the client closed the connection")   # nginx's code; nobody reads it
+    return together.result()
 
 
 def usage(job: Job, last: Delta) -> dict:
@@ -362,11 +456,51 @@ def sse_response(job: Job, first: Optional[dict], piece, finish, head: dict, kin
 # The app
 
 
-def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int = 16) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: read a request's body up to max_bytes, and answer 413 past it, before the
+    app parses it (FastAPI would read any size into memory). A body declared too long by its
+    Content-Length is refused without reading it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")     # absent when sent in chunks
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        body, more = b"", not too_large
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            too_large = len(body) > self.max_bytes
+            more = message.get("more_body", False) and not too_large
+        if too_large:
+            response = ApiError(413, f"request body too large: the limit is {self.max_bytes} bytes "
+                                     f"(--max_body_bytes)", code="request_too_large").response()
+            return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            """The body read above, then the client's later messages (a disconnect)."""
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int = 16,
+               limits: Optional[Limits] = None) -> FastAPI:
     """The FastAPI application: routes, error handlers, and a worker thread for the engine."""
-    api = Api(engine, defaults, model_name, max_batch)
+    limits = limits or Limits()
+    api = Api(engine, defaults, model_name, max_batch, limits)
     app = FastAPI(title="LLM workshop", docs_url=None, redoc_url=None)   # the docs pages would need a CDN
     app.state.api = api
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -388,6 +522,12 @@ def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_ba
             message += " (the API lives under /v1: /v1/models, /v1/chat/completions, /v1/completions)"
         return ApiError(e.status_code, message).response()
 
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):
+        # a bug, not a bad request: the client gets no internals; Starlette re-raises the exception
+        # after this answer, so uvicorn logs its traceback
+        return ApiError(500, INTERNAL_ERROR).response()
+
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(WEB_PAGE, media_type="text/html")
@@ -397,12 +537,12 @@ def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_ba
         return api.models()
 
     @app.post("/v1/chat/completions")
-    async def chat(request: ChatRequest):
-        return await api.chat(request)
+    async def chat(body: ChatRequest, request: Request):
+        return await api.chat(body, request)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
-        return await api.complete(request)
+    async def completions(body: CompletionRequest, request: Request):
+        return await api.complete(body, request)
 
     return app
 
@@ -448,10 +588,11 @@ def main(argv=None):
     defaults = SamplingParams.of(cfg)
     if cfg.max_batch < 1:
         raise ValueError(f"--max_batch must be at least 1, got {cfg.max_batch}")
+    cfg.check()
     engine = Engine.load(cfg)
     name = cfg.model_name or engine.name
     sock = open_socket(cfg.host, cfg.port)
-    app = create_app(engine, defaults, name, cfg.max_batch)
+    app = create_app(engine, defaults, name, cfg.max_batch, limits=cfg)    # a ServeConfig is a Limits
     if cfg.host not in LOOPBACK:
         print(f"warning: listening on {cfg.host}: anyone who can reach this machine can use the model")
     url = f"http://{'localhost' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{sock.getsockname()[1]}"
