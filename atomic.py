@@ -10,6 +10,8 @@ one folder is atomic on every operating system Python runs on.)
     with atomic_path("weight/sft/model.pt") as tmp:
         torch.save(state, tmp)
     atomic_write_text("weight/sft/metrics.json", text)
+    with atomic_folder("/tmp/sft-hf") as tmp:      # a whole folder: written aside, then swapped in
+        export_files(tmp)
 
 This module imports nothing from the project, so every layer can use it.
 """
@@ -17,6 +19,7 @@ This module imports nothing from the project, so every layer can use it.
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -49,3 +52,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text (UTF-8) to path, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; when the block ends without an error, it replaces
+    `path` as a whole (no file of the old folder is left among the new ones) and the old folder is
+    removed. On an error the temp folder is removed and `path` is left untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = temp_path(path), path.with_name(f"{path.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)          # two renames: the old folder steps aside, the new one steps in
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from atomic import atomic_folder
 from data.chat_data import (DEFAULT_CHAT_DIR, NEW_SKILL, chat_collate, chat_examples, default_words,
                             generate_chat_data, read_conversations, sft_data_of, similar_length_rows, stage_data,
                             write_jsonl)
@@ -169,8 +170,9 @@ def merge_command(cfg: LoRAConfig):
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise ValueError(f"{out}/ already exists: add --force to replace it, or choose --merged_dir")
     model, tokenizer, config, _ = load_model(lora=cfg.out_dir)   # the base with W + (alpha / r) B A folded in
-    save_checkpoint(out, model, {"tokenizer": config["tokenizer"], "stage": "lora_merged",
-                                 "lora": config["lora"], "init_from": config["init_from"]}, tokenizer)
+    with atomic_folder(out) as tmp:          # replaces the folder as a whole: no file of an older merge stays
+        save_checkpoint(tmp, model, {"tokenizer": config["tokenizer"], "stage": "lora_merged",
+                                     "lora": config["lora"], "init_from": config["init_from"]}, tokenizer)
     print(f"lora: merged {cfg.out_dir}/ into {config['init_from']}/ -> {out}/ (a full checkpoint)")
 
 

@@ -40,6 +40,7 @@ from model import moe_layers
 from optim import lr_at, make_optimizer
 from runtime import Runtime
 from weight.checkpoint import ADAPTER_FILE, CONFIG_FILE, METRICS_FILE, RESUME_FILE, WEIGHTS_FILE, save_checkpoint
+from weight.hf import is_hf_folder
 
 LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
@@ -184,6 +185,11 @@ def check_train_config(cfg: TrainConfig):
         raise ValueError(f"need 0 <= --min_lr <= --lr and --lr > 0, got lr={cfg.lr}, min_lr={cfg.min_lr}")
     if cfg.time_budget < 0:
         raise ValueError(f"--time_budget must be >= 0 seconds (0 = off), got {cfg.time_budget}")
+    if is_hf_folder(cfg.out_dir):
+        # a checkpoint's config.json and tokenizer.json would replace the folder's own, beside its safetensors
+        raise ValueError(f"--out_dir {cfg.out_dir} is a Hugging Face model folder: training writes the project's "
+                         f"checkpoint files there, replacing its config.json and tokenizer.json; choose another "
+                         f"--out_dir (start from it with --init_from {cfg.out_dir})")
     for weights, what in ((WEIGHTS_FILE, "a trained model"), (ADAPTER_FILE, "an adapter")):
         if not cfg.resume and not cfg.overwrite and (Path(cfg.out_dir) / weights).exists():
             # a fresh run would replace the trained weights with step-0 ones: never do that silently

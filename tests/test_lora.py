@@ -1,5 +1,6 @@
 """LoRA: the layer math, adapter-only saving, merge, and lora.py end to end on a tiny model."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,10 @@ def test_lora_trains_an_adapter_and_merges(tiny_pretrained, tmp_path):
     assert torch.allclose(adapted(x)[0], merged(x)[0], atol=1e-5)
     with pytest.raises(ValueError, match="--force"):
         lora.main(args[:args.index("--out_dir") + 2] + ["--merge"])
+    (Path(str(out) + "_merged") / "stale.safetensors").write_bytes(b"from an older merge")
+    lora.main(args[:args.index("--out_dir") + 2] + ["--merge", "--force"])     # the folder replaced as a whole
+    assert not (Path(str(out) + "_merged") / "stale.safetensors").exists()
+    assert torch.allclose(load_checkpoint(str(out) + "_merged")[0](x)[0], merged(x)[0], atol=1e-6)
     with pytest.raises(ValueError, match="already holds an adapter"):
         lora.main(args)
 

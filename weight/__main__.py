@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from atomic import atomic_folder
 from flags import main_guard
 from weight.checkpoint import ADAPTER_CONFIG, load_model, save_checkpoint
 from weight.hf import (DTYPES, export_hf, hf_config_from_model, is_hf_folder, load_hf_checkpoint, load_hf_tokenizer,
@@ -36,12 +37,13 @@ def main(argv=None):
     exp.add_argument("out", help="folder to write (config.json, model.safetensors, tokenizer.json, ...)")
     exp.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of model.safetensors")
     for p in (imp, exp):
-        p.add_argument("--overwrite", action="store_true", help="replace what is already in out")
+        p.add_argument("--overwrite", action="store_true", help="replace the folder out as a whole (none of its "
+                                                                 "old files is kept)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"{out}/ is not empty: add --overwrite to replace its files, or choose another folder")
+        raise ValueError(f"{out}/ is not empty: add --overwrite to replace it, or choose another folder")
     src = Path(args.src)
     if args.command == "import":
         if not is_hf_folder(src):
@@ -50,13 +52,15 @@ def main(argv=None):
         hf = read_hf_config(src)
         dtype = DTYPES.get(args.dtype) or DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), torch.float32)
         model, config = load_hf_checkpoint(src, "cpu", dtype)
-        save_checkpoint(out, model, {k: v for k, v in config.items() if k != "model"}, load_hf_tokenizer(src))
+        with atomic_folder(out) as tmp:      # written aside, then swapped in: no stale file of an old folder stays
+            save_checkpoint(tmp, model, {k: v for k, v in config.items() if k != "model"}, load_hf_tokenizer(src))
         print(f"import: {src}/ ({hf['model_type']}) -> {out}/, weights in {str(dtype).removeprefix('torch.')}\n"
               f"{model.summary()}")
         return
     adapter = (src / ADAPTER_CONFIG).exists()   # a LoRA adapter: folded into its base as it loads
     model, tokenizer, _, _ = load_model("" if adapter else src, src if adapter else "")
-    export_hf(model, tokenizer, out, DTYPES[args.dtype])
+    with atomic_folder(out) as tmp:
+        export_hf(model, tokenizer, tmp, DTYPES[args.dtype])
     kind = hf_config_from_model(model.config, tokenizer, DTYPES[args.dtype])["architectures"][0]
     print(f"export: {src}/ -> {out}/ as {kind} ({args.dtype}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")

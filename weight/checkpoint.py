@@ -21,6 +21,7 @@ training loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -41,15 +42,20 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapter.pt", "adapter_config.json"   # a LoRA ad
 
 
 def save_checkpoint(out_dir: Path, model, meta: dict, tokenizer=None):
-    """Weights (model.pt), config.json (model config + meta) and a copy of the tokenizer."""
+    """Weights (model.pt), config.json (model config + meta) and a copy of the tokenizer.
+
+    The files are written to temp files first and renamed one right after the other at the end,
+    and config.json records a checksum of the weights: a load then notices the one case left, a
+    process killed between two renames (new weights beside the old config)."""
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        torch.save(state, tmp)
-    config = {"model": model.config.to_dict(), **meta}
-    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, default=str))
-    if tokenizer is not None:
-        tokenizer.save(out_dir / TOKENIZER_FILE)
+    config = {"model": model.config.to_dict(), **meta, "weights_checksum": state_checksum(state)}
+    with contextlib.ExitStack() as files:      # on leaving: every temp file renamed into place, last one first
+        torch.save(state, files.enter_context(atomic_path(out_dir / WEIGHTS_FILE)))
+        files.enter_context(atomic_path(out_dir / CONFIG_FILE)).write_text(
+            json.dumps(config, indent=2, default=str), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(files.enter_context(atomic_path(out_dir / TOKENIZER_FILE)))
 
 
 def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python pretrain.py"):
@@ -77,6 +83,9 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
                          f"recreate the checkpoint with `{make_hint}`") from None
     model = build_model(model_config)   # GPT, or Seq2Seq for an encoder-decoder config
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if "weights_checksum" in config and abs(state_checksum(state) - config["weights_checksum"]) > 1e-6:
+        raise ValueError(f"{ckpt_dir}/: {WEIGHTS_FILE} and {CONFIG_FILE} come from two different saves (the run "
+                         f"was stopped while saving): rerun its stage with --resume to save them again, or retrain")
     model.load_state_dict(state)
     return model.to(device), config
 
@@ -104,9 +113,13 @@ def check_tokenizer_matches(config: dict, tokenizer, where: str):
 # LoRA adapters (trained by lora.py)
 
 
+def state_checksum(state: dict) -> float:
+    """A cheap fingerprint of weights (the sum of every tensor's mean): tells two saves or two bases apart."""
+    return round(sum(t.float().mean().item() for t in state.values()), 6)
+
+
 def weights_checksum(model) -> float:
-    """A cheap fingerprint of a model's weights (sum of every weight's mean): tells two bases apart."""
-    return round(sum(t.float().mean().item() for t in model.state_dict().values()), 6)
+    return state_checksum(model.state_dict())
 
 
 def adapter_base(adapter_config: dict) -> Path:
