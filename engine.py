@@ -409,6 +409,8 @@ class Engine:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {ckpt} expects "
                              f"{model.config.vocab_size}: use the checkpoint's own tokenizer.json")
         chat = cfg.chat == "on" or (cfg.chat == "auto" and expects_chat_template(ckpt_config))
+        if chat:
+            _ = tokenizer.im_start_id     # a model with a chat template of its own refuses ChatML: at the start, in one line
         return cls(model, tokenizer, chat, name)
 
     @property

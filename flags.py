@@ -132,8 +132,9 @@ def main_guard(main: Callable):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:            # under torchrun every process gets Ctrl-C: one of them says so
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:          # output piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit

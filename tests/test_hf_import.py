@@ -28,11 +28,12 @@ ARCHS = {
 }
 
 
-def make_hf_folder(folder, arch: str, seed: int = 0):
-    """A random transformers model of `arch` + a toy tokenizer, saved as a model folder would be."""
-    style, specials, config_class, kwargs = ARCHS[arch]
-    kwargs = dict(kwargs)
-    n_tokens = write_toy_tokenizer(folder, style, specials=specials,
+def make_hf_folder(folder, arch: str, seed: int = 0, specials=None, chat_template: str | None = None):
+    """A random transformers model of `arch` + a toy tokenizer, saved as a model folder would be.
+    specials / chat_template: the tokenizer's own special tokens (the first one ends a text) and template."""
+    style, arch_specials, config_class, kwargs = ARCHS[arch]
+    specials, kwargs = specials or arch_specials, dict(kwargs)
+    n_tokens = write_toy_tokenizer(folder, style, specials=specials, chat_template=chat_template,
                                    tokenizer_class="GPT2Tokenizer" if style == "gpt2" else "Qwen2Tokenizer")
     eot = n_tokens - len(specials)
     config = getattr(transformers, config_class)(vocab_size=n_tokens + kwargs.pop("padded_rows", 0),
@@ -282,3 +283,130 @@ def test_a_checkpoint_made_by_pretrain_exports(tmp_path):
     ids = torch.randint(0, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours.eval()(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+# --- a folder's own chat template: ChatML is used as it is, any other is refused for chat ------
+
+# Llama-3's template (meta-llama/Meta-Llama-3-8B-Instruct): headers and <|eot_id|>, no ChatML
+LLAMA3_SPECIALS = ("<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>")
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim "
+                   "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# SmolLM2's (HuggingFaceTB/SmolLM2-135M-Instruct, a Llama): ChatML with its own tokens and a default system
+# message; its newlines are real ones in the Jinja text, Qwen2.5's are written "\n"
+SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                    "{% endif %}")
+HI = [{"role": "user", "content": "hi"}]
+
+
+def make_llama3_folder(folder, where: str = "tokenizer_config.json"):
+    """A tiny Llama with Llama-3's special tokens and chat template, the template kept where `where` says:
+    tokenizer_config.json (as a string, or as a list of named templates) or chat_template.jinja (newer
+    transformers save it there)."""
+    make_hf_folder(folder, "llama-gqa-untied", specials=LLAMA3_SPECIALS,
+                   chat_template=LLAMA3_TEMPLATE if where == "tokenizer_config.json" else None)
+    config_path = folder / "tokenizer_config.json"
+    if where == "named list":
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = [{"name": "default", "template": LLAMA3_TEMPLATE},
+                                   {"name": "tool_use", "template": LLAMA3_TEMPLATE}]
+        config_path.write_text(json.dumps(config))
+    elif where == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(LLAMA3_TEMPLATE, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "named list", "chat_template.jinja"])
+def test_a_folder_with_its_own_non_chatml_template_is_refused_for_chat(tmp_path, where):
+    from tokenizer.chat import render_chat
+    folder = make_llama3_folder(tmp_path / "llama3", where)
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tok = load_checkpoint_tokenizer(folder)
+    model, config = load_checkpoint(folder)
+    # no ChatML tokens slipped in, no new mean-initialised rows
+    assert "<|im_start|>" not in tok.special_ids and tok.vocab_size == model.config.vocab_size == rows
+    assert config["hf"]["chat_template"]          # so inference's --chat auto tries chat, and is refused
+    source = folder / ("chat_template.jinja" if where == "chat_template.jinja" else "tokenizer_config.json")
+    with pytest.raises(ValueError, match=f"^{source}: .*own chat template, not ChatML.*--chat off") as refusal:
+        render_chat(HI, tok, add_generation_prompt=True)
+    assert "\n" not in str(refusal.value)
+    # the refusal travels with the tokenizer: a checkpoint imported from the folder refuses the same way
+    convert.main(["import", str(folder), str(tmp_path / "ckpt")])
+    with pytest.raises(ValueError, match="own chat template, not ChatML"):
+        render_chat(HI, load_checkpoint_tokenizer(tmp_path / "ckpt"))
+    # text continuation is what the model does here: same ids and greedy tokens as transformers
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = torch.tensor([tok.encode_ordinary("Hello world! 我们")])
+    expected = theirs.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=tok.eot_id,
+                               pad_token_id=tok.eot_id)
+    assert generate(model.eval(), prompt, 8, temperature=0.0, stop_tokens=(tok.eot_id,)).tolist() == expected.tolist()
+
+
+def test_chat_commands_on_a_non_chatml_folder_say_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from conftest import write_chat_data
+    folder = make_llama3_folder(tmp_path / "llama3")
+    data = write_chat_data(tmp_path, n_train=8, n_eval_per_family=1)
+    root = Path(__file__).parent.parent
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=300)
+
+    sft = run("full_sft.py", "--init_from", str(folder), "--out_dir", str(tmp_path / "sft"), *data,
+              "--max_steps", "1", "--eval_interval", "1", "--time_budget", "0", "--batch_size", "2",
+              "--max_new_tokens", "2")
+    chat = run("inference.py", "--init_from", str(folder), "--prompt", "hi", "--max_new_tokens", "3")
+    for result in (sft, chat):
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {folder / 'tokenizer_config.json'}: "), lines
+        assert "not ChatML" in lines[0] and "--chat off" in lines[0] and "full_sft.py --init_from" in lines[0]
+    assert not (tmp_path / "sft" / "model.pt").exists()
+    # what the line offers: text continuation works
+    text = run("inference.py", "--init_from", str(folder), "--prompt", "hi", "--max_new_tokens", "3",
+               "--temperature", "0", "--chat", "off")
+    assert text.returncode == 0 and text.stdout.strip(), text.stderr
+
+
+def test_a_copy_without_the_template_is_a_base_model_that_learns_chatml(tmp_path):
+    """What the refusal offers: the folder without its template gets <|im_start|>/<|im_end|> added."""
+    import shutil
+
+    import full_sft
+    from conftest import write_chat_data
+    from tokenizer.chat import render_chat
+    folder = make_llama3_folder(tmp_path / "llama3")
+    copy = Path(shutil.copytree(folder, tmp_path / "llama3-chatml"))
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = json.loads((copy / "config.json").read_text())["vocab_size"]
+    tok = load_checkpoint_tokenizer(copy)
+    assert (tok.im_start_id, tok.im_end_id) == (rows, rows + 1)
+    assert render_chat(HI, tok, add_generation_prompt=True)[0][0] == rows
+    data = write_chat_data(tmp_path, n_train=8, n_eval_per_family=1)
+    full_sft.main(["--init_from", str(copy), "--out_dir", str(tmp_path / "sft"), *data, "--max_steps", "1",
+                   "--eval_interval", "1", "--time_budget", "0", "--batch_size", "2", "--max_new_tokens", "2"])
+    assert load_checkpoint(tmp_path / "sft")[0].config.vocab_size == rows + 2
+
+
+def test_a_llama_folder_with_a_chatml_template_chats_as_its_template_says(tmp_path):
+    """SmolLM2: a Llama whose template is ChatML with its own tokens: used as it is, default system message too."""
+    from tokenizer.chat import render_chat
+    folder = tmp_path / "smollm2"
+    make_hf_folder(folder, "llama-gqa-untied", chat_template=SMOLLM2_TEMPLATE)
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tok = load_checkpoint_tokenizer(folder)
+    assert tok.vocab_size == rows and tok.im_end_id < rows          # its own tokens, nothing added
+    assert tok.default_system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    for messages in (HI, [{"role": "system", "content": "Be brief."}, *HI]):
+        expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert render_chat(messages, tok, add_generation_prompt=True)[0] == expected

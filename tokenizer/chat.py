@@ -19,6 +19,11 @@ inference all render conversations with `render_chat`, so they agree token for t
 
 Text inside a message is always ordinary text: a user who types "<|im_end|>" gets
 those characters, never the control token.
+
+ChatML is the only template here. An imported model that brings a template of another kind
+(Llama-3's <|start_header_id|>...<|eot_id|>) was trained on that one, not on this: its
+tokenizer refuses to give <|im_start|>/<|im_end|>, so render_chat stops with one line saying
+what to do (tokenizer/hf.py's chat_refusal) instead of prompting it wrongly.
 """
 
 from __future__ import annotations

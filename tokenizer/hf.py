@@ -12,12 +12,18 @@ vocabulary just as it runs ours. The files only spell the table differently:
     tokenizer.json            the `tokenizers` library's one-file format: the same vocab and merges, plus
                               the split regex, a Unicode normalizer (Qwen2: NFC) and the added tokens
     NAME.tiktoken             tiktoken's own: one "base64(token bytes) id" per line (no regex, no specials)
-    tokenizer_config.json     the added/special tokens and the chat template (Jinja)
+    tokenizer_config.json     the added/special tokens and the chat template (Jinja; newer folders keep the
+                              template in chat_template.jinja instead)
 
 `PretrainedTokenizer` is a `Tokenizer` built from such a table instead of from our own
 merges: same methods, same ids as the reference tokenizer, and its own save format
 (one JSON file, tokens in base64) so a fine-tuned checkpoint carries it along.
 `hf_tokenizer_files` writes any of our tokenizers back as tokenizer.json (+ config).
+
+The project chats in one format, ChatML (tokenizer/chat.py). A model whose own template is
+ChatML (Qwen2.5, SmolLM2) chats here exactly as its template says. A model whose template is
+something else (Llama-3's headers) would be prompted wrongly in ChatML, so its tokenizer
+refuses chat: asking it for <|im_start|>/<|im_end|> raises one line saying what to do instead.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ TOKENIZER_CLASSES = {"GPT2Tokenizer": (GPT2_PATTERN, None), "GPT2TokenizerFast":
                      "Qwen2Tokenizer": (QWEN2_PATTERN, "NFC"), "Qwen2TokenizerFast": (QWEN2_PATTERN, "NFC")}
 RESERVED = "<|reserved_{}|>"   # fills ids that the weights have but the tokenizer names no token for
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"   # where newer transformers keep the template (it wins over the config)
 
 
 def byte_to_char() -> dict[int, str]:
@@ -94,15 +101,18 @@ class PretrainedTokenizer(Tokenizer):
     normalization="NFC" composes characters before encoding (Qwen2 does: "e" + U+0301 -> "é").
     default_system_prompt: the system message the model's chat template adds when a
     conversation has none (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ...").
+    chat_refusal: for a model whose own chat template is not ChatML, the one line that asking
+    for <|im_start|> or <|im_end|> raises (so every chat use, which renders ChatML, stops there).
     """
 
     def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int],
                  normalization: str | None = None, default_system_prompt: str | None = None,
-                 eot_token: str = "<|endoftext|>"):
+                 eot_token: str = "<|endoftext|>", chat_refusal: str | None = None):
         if normalization not in (None, "NFC"):
             raise ValueError(f"normalization {normalization!r} is not supported (only NFC)")
         self.ranks, self.pattern, self.normalization = dict(ranks), pattern, normalization
         self.default_system_prompt, self.eot_token = default_system_prompt, eot_token
+        self.chat_refusal = chat_refusal   # not part of the fingerprint: it changes no id
         clash = sorted(set(self.ranks.values()) & set(special_tokens.values()))
         if clash:
             raise ValueError(f"token id {clash[0]} is both an ordinary and a special token")
@@ -148,6 +158,8 @@ class PretrainedTokenizer(Tokenizer):
         return self._special_id("<|im_end|>")
 
     def _special_id(self, name: str) -> int:
+        if name in CHAT_TOKENS and self.chat_refusal:   # the model chats in a format of its own, not ChatML
+            raise ValueError(self.chat_refusal)
         if name not in self.special_ids:
             raise ValueError(f"this tokenizer has no {name} token (it knows {list(self.special_ids)[:6]}...): "
                              f"it was not made for chat; `with_special_tokens` adds it")
@@ -176,7 +188,7 @@ class PretrainedTokenizer(Tokenizer):
             if name not in specials:
                 specials[name] = max(self.vocab_size, max(specials.values(), default=0) + 1)
         return PretrainedTokenizer(self.ranks, self.pattern, specials, self.normalization,
-                                   self.default_system_prompt, self.eot_token)
+                                   self.default_system_prompt, self.eot_token, self.chat_refusal)
 
     def padded_to(self, vocab_size: int) -> "PretrainedTokenizer":
         """A copy whose ids reach vocab_size - 1 (models pad their embedding, e.g. Qwen2.5: 151,665 -> 151,936)."""
@@ -184,7 +196,7 @@ class PretrainedTokenizer(Tokenizer):
             return self
         specials = {**self.special_ids, RESERVED.format(vocab_size - 1): vocab_size - 1}
         return PretrainedTokenizer(self.ranks, self.pattern, specials, self.normalization,
-                                   self.default_system_prompt, self.eot_token)
+                                   self.default_system_prompt, self.eot_token, self.chat_refusal)
 
     # --- saving and loading ---------------------------------------------------
 
@@ -192,6 +204,7 @@ class PretrainedTokenizer(Tokenizer):
         return {"format": FORMAT, "vocab_size": self.vocab_size, "pattern": self.pattern,
                 "normalization": self.normalization, "default_system_prompt": self.default_system_prompt,
                 "eot_token": self.eot_token,
+                **({"chat_refusal": self.chat_refusal} if self.chat_refusal else {}),   # saved: the refusal stays
                 "special_tokens": {k: v for k, v in self.special_ids.items() if not k.startswith("<|reserved_")},
                 "tokens": [base64.b64encode(t).decode("ascii") for t in self.tokens()],
                 "token_ids": sorted(self.ranks.values())}
@@ -213,7 +226,7 @@ class PretrainedTokenizer(Tokenizer):
         tokens = [base64.b64decode(t) for t in d["tokens"]]
         ids = d.get("token_ids", range(len(tokens)))
         tok = cls(dict(zip(tokens, ids)), d["pattern"], d["special_tokens"], d.get("normalization"),
-                  d.get("default_system_prompt"), d.get("eot_token", "<|endoftext|>"))
+                  d.get("default_system_prompt"), d.get("eot_token", "<|endoftext|>"), d.get("chat_refusal"))
         tok = tok.padded_to(d["vocab_size"])
         if tok.vocab_size != d["vocab_size"]:
             raise ValueError(f"vocab_size {d['vocab_size']} does not match the tokens ({tok.vocab_size})")
@@ -324,18 +337,54 @@ def read_tokenizer_json(path) -> tuple[dict[bytes, int], dict[str, int], str, st
     return ranks, added, pattern, "NFC" if norm else None
 
 
-DEFAULT_SYSTEM_RE = re.compile(r"<\|im_start\|>system\\n([^'\"{}]+?)<\|im_end\|>")
+# the newline after "system" is written "\n" in Qwen2.5's Jinja text, and is a real newline in SmolLM2's
+DEFAULT_SYSTEM_RE = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]+?)<\|im_end\|>")
 
 
 def default_system_prompt(chat_template: str | None) -> str | None:
-    """The system message a ChatML chat template inserts when there is none (Qwen2.5 does), else None."""
+    """The system message a ChatML chat template inserts when there is none (Qwen2.5, SmolLM2 do), else None."""
     match = DEFAULT_SYSTEM_RE.search(chat_template or "")
     return match.group(1) if match else None
 
 
+def read_chat_template(folder) -> tuple[str | None, Path | None]:
+    """The chat template a model folder brings (Jinja text) and the file that holds it, or (None, None).
+
+    chat_template.jinja if there is one (transformers reads it first), else tokenizer_config.json's
+    "chat_template": a string, or a list of named templates of which "default" is the chat one.
+    """
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).exists():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8"), folder / CHAT_TEMPLATE_FILE
+    path = folder / "tokenizer_config.json"
+    template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.exists() else None
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    return (template, path) if isinstance(template, str) and template.strip() else (None, None)
+
+
+def chat_refusal(template: str | None, source: Path | None, special_tokens: dict[str, int]) -> str | None:
+    """None if the project may chat with this model in ChatML, else the one line that says why not and what to do.
+
+    ChatML is right for a model without a template (a base model: ChatML is what it will be
+    taught) and for one whose template writes <|im_start|>/<|im_end|>, tokens of its own vocabulary
+    (Qwen2.5, SmolLM2). Any other template is the model's own format (Llama-3: <|start_header_id|>
+    ...<|eot_id|>): ChatML with two new, untrained tokens would prompt it wrongly, so chat is refused.
+    """
+    if template is None or all(t in template and t in special_tokens for t in CHAT_TOKENS):
+        return None
+    folder = source.parent
+    remove = f"delete its {source.name}" if source.name == CHAT_TEMPLATE_FILE \
+        else 'delete "chat_template" from its tokenizer_config.json'
+    return (f"{source}: {folder} has its own chat template, not ChatML, and this project chats only in ChatML: "
+            f"use it for text continuation (python inference.py --ckpt {folder} --chat off), or fine-tune it "
+            f"into a ChatML chat model from a copy of the folder without that template ({remove}; then "
+            f"python full_sft.py --init_from COPY)")
+
+
 def load_hf_tokenizer_files(folder) -> PretrainedTokenizer:
     """The tokenizer of a Hugging Face model folder: tokenizer.json, or vocab.json + merges.txt,
-    or a *.tiktoken file, with tokenizer_config.json for added tokens and the chat template."""
+    or a *.tiktoken file, with tokenizer_config.json for added tokens, and its chat template (read_chat_template)."""
     folder = Path(folder)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
@@ -362,8 +411,9 @@ def load_hf_tokenizer_files(folder) -> PretrainedTokenizer:
     eos = config.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
     eot = "<|endoftext|>" if "<|endoftext|>" in added else (eos or "<|endoftext|>")
-    return PretrainedTokenizer(ranks, pattern, added, normalization,
-                               default_system_prompt(config.get("chat_template")), eot)
+    template, source = read_chat_template(folder)
+    return PretrainedTokenizer(ranks, pattern, added, normalization, default_system_prompt(template), eot,
+                               chat_refusal(template, source, added))
 
 
 # ----------------------------------------------------------------------------------
@@ -436,6 +486,6 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
               "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>" if "<|endoftext|>" in specials
               else None, "pad_token": "<|endoftext|>" if "<|endoftext|>" in specials else None}
-    if all(t in specials for t in CHAT_TOKENS):
-        config["chat_template"] = chatml_template(default_system)
+    if all(t in specials for t in CHAT_TOKENS) and not getattr(tokenizer, "chat_refusal", None):
+        config["chat_template"] = chatml_template(default_system)   # a model that refuses ChatML gets none
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config}

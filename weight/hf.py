@@ -19,6 +19,12 @@ model.py is the same machine under other names:
                                     grouped-query attention, biases on q/k/v only.
     Llama (llama)                 = flavour "llama" without biases.
 
+Chat is ChatML here (tokenizer/chat.py). A folder without a chat template (GPT-2, a base
+model) gets <|im_start|>/<|im_end|> as two new tokens for SFT to teach; one whose template is
+ChatML (Qwen2.5, SmolLM2) chats with its own tokens; one with any other template (Llama-3)
+keeps its vocabulary as it is and refuses chat in one line (tokenizer/hf.py's chat_refusal):
+it still continues text.
+
 Weights are read with safetensors (no pickle), one tensor at a time, in the dtype asked
 for, into a model built on the "meta" device (shapes only, no memory): the peak is the
 model itself plus one tensor. The memory needed is estimated first, and refused if it
@@ -38,7 +44,8 @@ from safetensors.torch import save_file
 
 from atomic import atomic_path, atomic_write_text
 from model import GPT, ModelConfig, rope_tables
-from tokenizer.hf import CHAT_TOKENS, PretrainedTokenizer, hf_tokenizer_files, load_hf_tokenizer_files
+from tokenizer.hf import (CHAT_TOKENS, PretrainedTokenizer, hf_tokenizer_files, load_hf_tokenizer_files,
+                          read_chat_template)
 
 SUPPORTED = ("gpt2", "qwen2", "llama")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -269,8 +276,10 @@ def tokenizer_for_weights(folder: Path, hf: dict, rows: int) -> PretrainedTokeni
     """The folder's tokenizer, made to fit the weights' `rows` embedding rows.
 
     Models pad their embedding (Qwen2.5: 151,665 tokens, 151,936 rows): the extra ids get
-    placeholder names. A tokenizer without <|im_start|>/<|im_end|> (GPT-2) gets them as two
-    new ids after the rows, so the chat stages run on it (the weights grow by two rows).
+    placeholder names. A tokenizer without <|im_start|>/<|im_end|> and without a chat template
+    (GPT-2) gets them as two new ids after the rows, so the chat stages can teach it ChatML (the
+    weights grow by two rows). A model with a chat template of its own that is not ChatML gets
+    nothing: two untrained tokens would prompt it wrongly, and its tokenizer refuses chat instead.
     """
     tokenizer = load_hf_tokenizer_files(folder)
     if tokenizer.vocab_size > rows:
@@ -282,7 +291,7 @@ def tokenizer_for_weights(folder: Path, hf: dict, rows: int) -> PretrainedTokeni
                 raise ValueError(f"{folder / 'config.json'}: {key} {i} is not a special token of the tokenizer "
                                  f"files: they belong to another model")
     tokenizer = tokenizer.padded_to(rows)
-    if not all(t in tokenizer.special_ids for t in CHAT_TOKENS):
+    if not all(t in tokenizer.special_ids for t in CHAT_TOKENS) and not tokenizer.chat_refusal:
         tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
     return tokenizer
 
@@ -368,8 +377,9 @@ def load_hf_checkpoint(folder, device="cpu", dtype: torch.dtype = torch.float32)
     hf = read_hf_config(folder)
     tokenizer = tokenizer_for_weights(folder, hf, embedding_rows(SafetensorsReader(folder), hf))
     model = load_hf_model(folder, device, dtype, hf, vocab_size=tokenizer.vocab_size)
-    tokenizer_config = folder / "tokenizer_config.json"
-    has_template = tokenizer_config.exists() and "chat_template" in json.loads(tokenizer_config.read_text("utf-8"))
+    # any template, ChatML or not, makes --chat auto chat with it: a template of another kind is then
+    # refused in one line rather than quietly answered as text continuation
+    has_template = read_chat_template(folder)[0] is not None
     config = {"model": model.config.to_dict(), "stage": "hf_import",
               "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
               "hf": {"folder": str(folder), "model_type": hf["model_type"],
