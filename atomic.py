@@ -19,6 +19,7 @@ This module imports nothing from the project, so every layer can use it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temp files (`name.<process id>.tmp`) of other processes from `folder`, and return them.
+
+    A process killed mid-write (kill -9, out of memory, power cut) runs no cleanup, so its temp file
+    stays beside the complete old file forever, and every later kill adds one more. The next run
+    that owns the folder (a training run's out_dir: one process writes there at a time) clears them.
+    This process's own temp files are kept."""
+    folder, stale = Path(folder), []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = re.search(r"\.(\d+)\.tmp$", path.name)
+            if match and int(match.group(1)) != os.getpid() and path.is_file():
+                path.unlink(missing_ok=True)
+                stale.append(path)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

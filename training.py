@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from atomic import atomic_path, atomic_write_text
+from atomic import atomic_path, atomic_write_text, remove_stale_temps
 from flags import arg, explicit_flags
 from model import moe_layers
 from optim import lr_at, make_optimizer
@@ -221,6 +221,11 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
         # the weights here are about to change: a metrics.json of an earlier run no longer describes
         # them (a run cut off now must not look finished); the stage writes a new one at the end
         (out_dir / METRICS_FILE).unlink(missing_ok=True)
+        # a run killed mid-write (kill -9, out of memory) leaves the temp file of the file it was writing
+        # (model.pt.<pid>.tmp, ...) beside the complete old one: this run owns the folder now, clear them
+        stale = remove_stale_temps(out_dir)
+        if stale:
+            print(f"removed {', '.join(p.name for p in stale)}: half-written by an earlier run that was killed")
     model.to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
     batch_rng = torch.Generator().manual_seed(cfg.seed + rt.rank)  # data order, saved for resume
@@ -272,19 +277,33 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
         tqdm.write(f"step {step}: {shown}" + (" (best, saved)" if improved else ""))
         state["step"] = step
+        # kept with the resumable state: a run killed after its last checkpoint but before the stage wrote
+        # metrics.json has no step left when resumed, and returns these (not an empty dict: no val_loss).
+        # Plain numbers only (a numpy float becomes a float), so torch.load(weights_only=True) reads them.
+        state["metrics"] = {k: float(v) if isinstance(v, float) else v for k, v in metrics.items()
+                            if isinstance(v, (int, float, str))}
         with atomic_path(resume_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "batch_rng": batch_rng_states, "rng": rng_state(), "state": dict(state), "run": run}, tmp)
         return metrics
 
+    # under torchrun, the launcher is this process's parent. It starts its workers in sessions of their own,
+    # so a kill -9 of torchrun (or of its process group) does not reach them: they would train on, unseen,
+    # writing into out_dir while the user starts the run again. Each step checks that the launcher lives.
+    launcher = os.getppid() if rt.distributed else None
+
     model.train()
     start_step = state["step"]
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                desc=stage, disable=not rt.is_main, dynamic_ncols=True)
-    metrics = {}
+    metrics = dict(state.get("metrics") or {})       # the last evaluation's, until this run evaluates
     end_step = start_step
     eval_seconds = timed_from = 0.0
     for step in bar:
+        if launcher is not None and os.getppid() != launcher:   # our parent died: we were handed to init
+            raise SystemExit(f"rank {rt.rank}: the torchrun that started this process is gone (killed?); "
+                             f"stopping at step {step}, before any more files are written: run torchrun again "
+                             f"with --resume to continue from the last checkpoint")
         if cfg.time_budget > 0 and state["seconds"] >= cfg.time_budget:
             tqdm.write(f"time budget of {cfg.time_budget:.0f}s reached after {step} steps")
             break

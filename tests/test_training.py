@@ -82,17 +82,51 @@ def test_kill_and_resume_gives_the_same_result_as_an_uninterrupted_run(corpus, t
     assert steps == sorted(steps), "log.csv has no duplicated rows after resuming"
 
 
+# Launched by torchrun in place of pretrain.py: runs pretrain.py's main unchanged, and saves this process's
+# weights as training starts and as it ends (to $RANK_WEIGHTS_DIR, a variable only this test sets), so the
+# test can compare the processes' copies of the model. The stage itself is not changed for users.
+RANK_WEIGHTS_WRAPPER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import pretrain
+
+folder, rank, train = os.environ["RANK_WEIGHTS_DIR"], os.environ["RANK"], pretrain.run_training
+
+def run_training(model, *args, **kwargs):
+    torch.save({{k: v.clone() for k, v in model.state_dict().items()}}, f"{{folder}}/initial{{rank}}.pt")
+    result = train(model, *args, **kwargs)
+    torch.save(model.state_dict(), f"{{folder}}/final{{rank}}.pt")
+    return result
+
+pretrain.run_training = run_training
+pretrain.main(sys.argv[1:])
+"""
+
+
 def test_two_process_gloo_ddp_trains(corpus, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    wrapper = tmp_path / "pretrain_saving_rank_weights.py"
+    wrapper.write_text(RANK_WEIGHTS_WRAPPER.format(root=str(ROOT)), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_WEIGHTS_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "pretrain.py"), *tiny_args(corpus, out, "--max_steps", "6", "--device", "cpu",
-                                                     "--time_budget", "600")]   # the processes share one clock
+           str(wrapper), *tiny_args(corpus, out, "--max_steps", "6", "--device", "cpu",
+                                    "--time_budget", "600")]   # the processes share one clock
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["tokens"] == 2 * 6 * 4 * 32   # two processes, each its own batches
+
+    # data parallel: each process trains on its own batches, the gradients are averaged, so after every
+    # step both hold exactly the same weights -- and training moved every one of them
+    initial, rank0, rank1 = (torch.load(tmp_path / name, weights_only=True)
+                             for name in ("initial0.pt", "final0.pt", "final1.pt"))
+    assert rank0.keys() == rank1.keys() == initial.keys()
+    unequal = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert not unequal, f"the two processes' weights differ after training: {unequal}"
+    unchanged = [k for k in rank0 if torch.equal(rank0[k], initial[k])]
+    assert not unchanged, f"training did not change {unchanged}"
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
