@@ -58,8 +58,8 @@ TARGETS = {"pretrain": "English bpb <= 2.10", "sft": ">= 50%", "lora": "new >= 6
 # How long each stage took on a reference machine, and how long that machine took for the
 # calibration step below: the estimate for this machine scales these by its own calibration step.
 # Measured with `python bench/bench_pipeline.py` (bench/results/pipeline-*.json).
-REFERENCE = {"machine": "2-core AMD EPYC (Zen 3) VM, AVX2, float32", "calibration_seconds": 1.24,
-             "seconds": {"pretrain": 560.0, "sft": 330.0, "lora": 110.0, "dpo": 150.0, "eval": 40.0}}
+REFERENCE = {"machine": "2-core AMD EPYC (Zen 3) VM, AVX2, float32", "calibration_seconds": 1.05,
+             "seconds": {"pretrain": 457.0, "sft": 589.0, "lora": 104.0, "dpo": 111.0, "eval": 46.0}}
 
 
 @dataclass
