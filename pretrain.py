@@ -80,8 +80,12 @@ PRESETS = {
 
 
 def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Tensor, block_size: int,
-                            batch_size: int, device: torch.device, to_batch=lambda x, y: (x, y)):
+                            batch_size: int, device: torch.device, to_batch=lambda x, y: (x, y),
+                            untrained: tuple[str, ...] = ()):
     """evaluate(model, max_tokens) -> val_loss (nats/token) and bpb, overall and per split.
+
+    untrained: splits of a language the run does not train on (--zh_share 0): reported, but left
+    out of the overall figures, which pick the best checkpoint (they would pick an early one).
 
     to_batch turns each validation window into the model's inputs, its targets last
     (for next_span: only the second half of each window is predicted and counted).
@@ -104,6 +108,8 @@ def bits_per_byte_evaluator(val_bins: dict[str, TokenBin], token_bytes: torch.Te
             suffix = name.removeprefix("val")                     # "", "_en", "_zh"
             metrics[f"val_loss{suffix}"] = nats / n_tokens
             metrics[f"val_bpb{suffix}"] = nats / math.log(2) / max(n_bytes, 1)
+            if name in untrained:
+                continue
             totals["nats"] += nats
             totals["tokens"] += n_tokens
             totals["bytes"] += n_bytes
@@ -162,7 +168,9 @@ def main(argv=None):
         return model(*inputs, targets=targets)[1]
 
     token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.long, device=rt.device)
-    evaluate = bits_per_byte_evaluator(val_bins, token_bytes, block_size, cfg.batch_size * 2, rt.device, to_batch)
+    untrained = ("val_zh",) if len(val_bins) > 1 and cfg.zh_share == 0 else ()
+    evaluate = bits_per_byte_evaluator(val_bins, token_bytes, block_size, cfg.batch_size * 2, rt.device, to_batch,
+                                       untrained)
     meta = {"tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
             "data": [str(p) for p in cfg.data] or "default"}
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="pretrain",

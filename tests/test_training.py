@@ -346,3 +346,23 @@ def test_chat_stages_under_torchrun_guard_the_main_process_and_finish_together(t
         assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
         assert result.stdout.count(summary) == 1, f"{script} printed its summary {result.stdout.count(summary)} times"
         assert json.loads((Path(flags[3]) / "metrics.json").read_text())
+
+
+def test_a_language_the_run_does_not_train_on_never_picks_the_checkpoint(tmp_path):
+    """--zh_share 0: the Chinese validation is reported, but the overall loss (which picks the best
+    weights) is the English one alone; it used to keep an early checkpoint as the untrained language got worse."""
+    import numpy as np
+    from model import GPT, ModelConfig
+    bins = {}
+    for name, seed in (("val_en", 0), ("val_zh", 1)):
+        np.random.default_rng(seed).integers(0, 64, 200).astype(np.uint16).tofile(tmp_path / f"{name}.bin")
+        bins[name] = TokenBin(tmp_path / f"{name}.bin", np.uint16)
+    model = GPT(ModelConfig(n_layer=1, n_embd=16, n_head=2, n_kv_head=2, block_size=16, vocab_size=64,
+                            ffn_hidden=32)).eval()
+    token_bytes = torch.ones(64, dtype=torch.long)
+    with torch.no_grad():
+        both = pretrain.bits_per_byte_evaluator(bins, token_bytes, 16, 4, torch.device("cpu"))(model, None)
+        english = pretrain.bits_per_byte_evaluator(bins, token_bytes, 16, 4, torch.device("cpu"),
+                                                   untrained=("val_zh",))(model, None)
+    assert english["val_loss"] == pytest.approx(english["val_loss_en"]) and english["val_loss_zh"] == both["val_loss_zh"]
+    assert both["val_loss"] != pytest.approx(both["val_loss_en"])          # pooled: both languages count
