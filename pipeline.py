@@ -264,7 +264,8 @@ def main(argv=None):
             and (cfg.overwrite or not (ROOT / STAGES[name][1] / "metrics.json").exists())]
     todo += ["eval"] * ("eval" in cfg.stages)
     for name in todo:
-        refuse_foreign_weights(name, cfg.overwrite, logs)
+        if name in STAGES:                 # (not "eval": it writes only reports)
+            refuse_foreign_weights(name, cfg.overwrite, logs)
     planned = {name: 0.0 for name in todo}
     if cfg.estimate and todo:
         step = calibration_seconds(cfg.device, cfg.dtype)

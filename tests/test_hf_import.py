@@ -181,7 +181,9 @@ def test_sft_lora_dpo_and_chat_on_an_imported_qwen_folder_and_export(tmp_path):
     dpo.main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "dpo"), "--data",
               str(tmp_path / "pairs.jsonl"), "--eval_data", str(tmp_path / "pairs.jsonl"), "--task_data",
               str(tmp_path / "eval.jsonl"), *data[4:]])
-    assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["preference_accuracy"] is not None
+    assert 0 <= json.loads((tmp_path / "dpo" / "metrics.json").read_text())["preference_accuracy"] <= 1
+    start, tuned = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("sft", "dpo"))
+    assert any(not torch.equal(start[k], tuned[k]) for k in start)          # DPO trained the imported model
     # inference.py chats with the folder itself, through Qwen's own template
     chat = subprocess.run([sys.executable, "inference.py", "--init_from", str(tmp_path / "qwen"), "--prompt", "hi",
                            "--max_new_tokens", "3", "--temperature", "0"],

@@ -104,6 +104,39 @@ def test_the_table_of_an_english_only_run_shows_no_chinese_figure():
     assert "2.050 (2.050 / -)" in row and "| yes" in row
 
 
+def test_every_stage_gets_the_pipelines_seed_device_and_dtype_and_eval_scores_each_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    outputs = {"pretrain": PRE, "sft": SFT, "lora": LORA, "dpo": DPO}
+    ran = []
+
+    def fake_run(name, command, log_path, **_):
+        ran.append((name, command))
+        if name in outputs:                                   # a stage writes its folder and metrics
+            folder = tmp_path / pipeline.STAGES[name][1]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metrics.json").write_text(json.dumps(outputs[name]))
+        else:                                                 # "eval <stage>": evaluation.py --out report.json
+            out = command[command.index("--out") + 1]
+            choice = {"accuracy_norm": 0.3, "chance": 0.25, "accuracy_norm_by_family": {"next_line": 0.3}}
+            (tmp_path / out).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / out).write_text(json.dumps({"choice": choice}))
+        return 1.0
+    monkeypatch.setattr(pipeline, "run_stage", fake_run)
+    monkeypatch.setattr(pipeline, "calibration_seconds", lambda device, dtype: 0.1)
+    monkeypatch.chdir(tmp_path)
+    pipeline.main(["--seed", "7", "--dtype", "float32", "--device", "cpu"])
+    stages = [(name, cmd) for name, cmd in ran if not name.startswith("eval")]
+    assert [name for name, _ in stages] == ["pretrain", "sft", "lora", "dpo"]
+    for name, cmd in stages:
+        flags = " ".join(cmd)
+        assert cmd[0] == f"{'full_sft' if name == 'sft' else name}.py", cmd
+        assert "--seed 7" in flags and "--dtype float32" in flags and "--device cpu" in flags, (name, flags)
+    evaluated = [name for name, _ in ran if name.startswith("eval")]
+    assert evaluated == ["eval pretrain", "eval sft", "eval lora", "eval dpo"]      # every checkpoint, in order
+    table = (tmp_path / "weight" / "pipeline.md").read_text()
+    assert "pretrain 30.0%" in table and "dpo 30.0%" in table
+
+
 def test_unknown_stages_are_refused_with_the_list():
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, eval"):
         pipeline.main(["--stages", "sfft"])

@@ -116,7 +116,9 @@ def test_data_without_eval_data_holds_out_every_20th_and_later_stages_find_it(ti
     full_sft.main(flags + ["--data", str(tiny_pretrained / "train.jsonl"), "--out_dir", str(tmp_path / "sft")])
     held_out = records[::HOLD_OUT_EVERY_NTH]
     assert f"data: no --eval_data: {len(held_out)} records of" in capsys.readouterr().out
-    assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["accuracy"] is not None
+    metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1                 # scored on the held-out 20th, family by family
+    assert set(metrics["accuracy_by_family"]) == {r["family"] for r in held_out}
     # lora.py and dpo.py read the same split back from the SFT model's config.json
     config = json.loads((tmp_path / "sft" / "config.json").read_text())
     train, held, where = sft_data_of(config)
