@@ -2,17 +2,20 @@
 Benchmark generation: the KV cache, Hugging Face `generate`, prefill, batching, memory.
 
     python bench/bench_inference.py            # default-size model, random weights (~2-4 min on 2 CPU cores)
-    python bench/bench_inference.py --quick    # tiny sizes, seconds: checks the script works
+    python bench/bench_inference.py --quick    # tiny sizes, seconds: checks the script works (no record)
     python bench/bench_inference.py --ckpt weight/pretrain     # your trained weights instead
     python bench/bench_inference.py --device cuda
 
 Every comparison runs side by side in one process on the same weights, alternating
-(A, B, A, B, ...) after a warm-up, and keeps the median:
+(A, B, A, B, ...) after a warm-up; each figure is the median of the rounds, with their
+min-max. Every timer waits for the GPU (bench/machine.py). Correctness is asserted,
+never just printed: a failed check stops the run.
 
 1. Decode tokens/s with the KV cache against recomputing the whole context every step
    (what nanoGPT's sample.py does), greedy, batch 1; both must give the same tokens.
 2. The project's `GPT.generate` against `transformers` `LlamaForCausalLM.generate` with
-   the same weights copied in (same config; logits checked equal), greedy, batch 1.
+   the same weights copied in (same config; equal parameter counts, logits equal within
+   1e-4 and identical tokens asserted), greedy, batch 1.
 3. Prefill tokens/s and time to first token for prompts of several lengths.
 4. Batched throughput: total new tokens/s at batch 1, 8 and 32.
 5. Peak memory of generation at each batch size: measured in a fresh process each
@@ -21,17 +24,16 @@ Every comparison runs side by side in one process on the same weights, alternati
 
 The model is the default one (llama flavour, vocab 4096, 4 layers x 192, 4 heads) with
 random weights and a context of 640 tokens, so that a 512-token answer fits.
-Results: a markdown table, and bench/results/inference.json.
+Results: a markdown table, saved with the machine, torch version and date to
+bench/results/inference-YYYYMMDD-HHMM.json (not in --quick mode).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import threading
 import time
@@ -43,11 +45,11 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-from machine import machine_info, timed  # noqa: E402  (bench/machine.py)
+from machine import alternate, machine_info, ratios, show, spread, write_record  # noqa: E402  (bench/machine.py)
 from engine import generate as engine_generate  # noqa: E402  (the full sampler; model.generate is the short one)
 from model import GPT, ModelConfig  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "inference.json"
+LOGIT_TOLERANCE = 1e-4   # float32, same weights: only the order of additions differs
 
 
 @dataclass
@@ -65,7 +67,7 @@ class BenchArgs:
     batch_sizes: tuple = (1, 8, 32)
     batch_new_tokens: int = 128
     batch_prompt_len: int = 32
-    rounds: int = 3                # timed runs per measurement (median kept)
+    rounds: int = 5                # timed runs per measurement (median and min-max kept)
     device: str = "cpu"
     threads: int = 0               # torch CPU threads; 0 = torch's default
     seed: int = 1337
@@ -155,26 +157,16 @@ def hf_llama_copy(model: GPT):
 # Timing
 
 
-def alternate(runs: dict, rounds: int, device: str) -> dict:
-    """Median seconds of each named no-argument function, timed A, B, A, B, ... after one warm-up each."""
-    for fn in runs.values():
-        fn()
-    seconds = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            seconds[name].append(timed(fn, device))
-    return {name: statistics.median(s) for name, s in seconds.items()}
-
-
-def race(generators: dict, n: int, args: BenchArgs) -> tuple[dict, bool]:
-    """Two ways of generating the same n tokens, timed alternately: tok/s of each, and
-    whether they produced identical tokens (they must, or the race is not fair)."""
+def race(generators: dict, n: int, args: BenchArgs) -> dict[str, list[float]]:
+    """Two ways of generating the same n tokens, timed alternately: tok/s of each in every
+    round. They must produce identical tokens, or the race is not fair: asserted."""
     out = {}
     runs = {name: (lambda name=name, generate=generate: out.__setitem__(name, generate()))
             for name, generate in generators.items()}
     seconds = alternate(runs, args.rounds, args.device)
-    first, second = out.values()
-    return {name: round(n / s, 1) for name, s in seconds.items()}, torch.equal(first, second)
+    (a, first), (b, second) = out.items()
+    assert torch.equal(first, second), f"{n} new tokens: {a} and {b} generate different tokens"
+    return {name: [n / s for s in times] for name, times in seconds.items()}
 
 
 def random_prompt(args: BenchArgs, batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -194,12 +186,12 @@ def bench_decode(model: GPT, args: BenchArgs) -> list[dict]:
         if args.prompt_len + n > model.config.block_size:
             print(f"decode: {n} new tokens do not fit the context of {model.config.block_size}: skipped")
             continue
-        tok_s, same = race({cache: (lambda cache=cache: engine_generate(model, prompt, n, temperature=0, use_cache=cache))
-                            for cache in (True, False)}, n, args)
-        row = dict(new_tokens=n, cache_tok_s=tok_s[True], recompute_tok_s=tok_s[False], identical=same)
-        row["speedup"] = round(row["cache_tok_s"] / row["recompute_tok_s"], 2)
-        print(f"decode, {n} new tokens: KV cache {row['cache_tok_s']:,.1f} tok/s, recompute "
-              f"{row['recompute_tok_s']:,.1f} tok/s ({row['speedup']:.2f}x), tokens {'identical' if same else 'DIFFER'}")
+        tok_s = race({name: (lambda cache=cache: engine_generate(model, prompt, n, temperature=0, use_cache=cache))
+                      for name, cache in (("KV cache", True), ("recompute", False))}, n, args)
+        row = dict(new_tokens=n, cache_tok_s=spread(tok_s["KV cache"]), recompute_tok_s=spread(tok_s["recompute"]),
+                   speedup=ratios(tok_s["KV cache"], tok_s["recompute"]), identical=True)
+        print(f"decode, {n} new tokens: KV cache {show(row['cache_tok_s'])} tok/s, recompute "
+              f"{show(row['recompute_tok_s'])} tok/s: {show(row['speedup'], '.2f', 'x')}; tokens identical")
         results.append(row)
     return results
 
@@ -210,22 +202,25 @@ def bench_against_hf(model: GPT, args: BenchArgs) -> list[dict]:
     if hf is None:
         print("transformers: skipped, not installed (pip install transformers safetensors)")
         return []
+    n_ours, n_theirs = model.num_params(), sum(p.numel() for p in hf.parameters())
+    assert n_ours == n_theirs, f"parameters differ: project {n_ours:,}, LlamaForCausalLM {n_theirs:,}"
     prompt = random_prompt(args, 1, args.prompt_len, model.config.vocab_size)
     max_logit_diff = (model(prompt)[0] - hf(prompt).logits).abs().max().item()
+    assert max_logit_diff <= LOGIT_TOLERANCE, f"logits differ from LlamaForCausalLM by {max_logit_diff:.2e}"
     results = []
     for n in args.hf_lengths:
         if args.prompt_len + n > model.config.block_size:
             continue
-        tok_s, same = race({"project": lambda: model.generate(prompt, n, temperature=0),
-                            "transformers": lambda: hf.generate(prompt, max_new_tokens=n, do_sample=False,
-                                                                pad_token_id=0,      # no eos: exactly n tokens
-                                                                attention_mask=torch.ones_like(prompt))}, n, args)
-        row = dict(new_tokens=n, project_tok_s=tok_s["project"], hf_tok_s=tok_s["transformers"], identical=same,
+        tok_s = race({"project": lambda: model.generate(prompt, n, temperature=0),
+                      "transformers": lambda: hf.generate(prompt, max_new_tokens=n, do_sample=False,
+                                                          pad_token_id=0,      # no eos: exactly n tokens
+                                                          attention_mask=torch.ones_like(prompt))}, n, args)
+        row = dict(new_tokens=n, project_tok_s=spread(tok_s["project"]), hf_tok_s=spread(tok_s["transformers"]),
+                   speedup=ratios(tok_s["project"], tok_s["transformers"]), identical=True, params=n_ours,
                    max_logit_diff=max_logit_diff)
-        row["speedup"] = round(row["project_tok_s"] / row["hf_tok_s"], 2)
-        print(f"vs transformers LlamaForCausalLM.generate, {n} new tokens: project {row['project_tok_s']:,.1f} "
-              f"tok/s, transformers {row['hf_tok_s']:,.1f} tok/s ({row['speedup']:.2f}x); same weights (logits "
-              f"differ by at most {max_logit_diff:.1e}), tokens {'identical' if same else 'DIFFER'}")
+        print(f"vs transformers LlamaForCausalLM.generate, {n} new tokens: project {show(row['project_tok_s'])} "
+              f"tok/s, transformers {show(row['hf_tok_s'])} tok/s: {show(row['speedup'], '.2f', 'x')}; same "
+              f"{n_ours:,} parameters, logits within {max_logit_diff:.1e}, tokens identical")
         results.append(row)
     return results
 
@@ -248,25 +243,28 @@ def bench_prefill(model: GPT, args: BenchArgs) -> list[dict]:
         def first_token():      # what a user waits for: prefill + picking the first token
             engine_generate(model, prompt, 1, temperature=0)
         seconds = alternate({"prefill": prefill, "first": first_token}, args.rounds, args.device)
-        row = dict(prompt_tokens=length, prefill_tok_s=round(length / seconds["prefill"], 1),
-                   time_to_first_token_ms=round(seconds["first"] * 1000, 2))
-        print(f"prefill, {length}-token prompt: {row['prefill_tok_s']:,.0f} tok/s, "
-              f"time to first token {row['time_to_first_token_ms']:.1f} ms")
+        row = dict(prompt_tokens=length, prefill_tok_s=spread([length / s for s in seconds["prefill"]], 0),
+                   time_to_first_token_ms=spread([s * 1000 for s in seconds["first"]], 2))
+        print(f"prefill, {length}-token prompt: {show(row['prefill_tok_s'], ',.0f')} tok/s, "
+              f"time to first token {show(row['time_to_first_token_ms'], '.1f', ' ms')}")
         results.append(row)
     return results
 
 
 @torch.no_grad()
 def bench_batches(model: GPT, args: BenchArgs) -> list[dict]:
-    n, results = args.batch_new_tokens, []
-    for batch in args.batch_sizes:
-        prompt = random_prompt(args, batch, args.batch_prompt_len, model.config.vocab_size)
-        seconds = alternate({"run": lambda: model.generate(prompt, n, temperature=0)}, args.rounds, args.device)["run"]
-        row = dict(batch=batch, new_tokens=n, total_tok_s=round(batch * n / seconds, 1))
+    """Total new tokens/s at each batch size, the sizes alternated round by round."""
+    n = args.batch_new_tokens
+    prompts = {b: random_prompt(args, b, args.batch_prompt_len, model.config.vocab_size) for b in args.batch_sizes}
+    seconds = alternate({b: (lambda p=p: model.generate(p, n, temperature=0)) for b, p in prompts.items()},
+                        args.rounds, args.device)
+    tok_s = {b: [b * n / s for s in times] for b, times in seconds.items()}
+    first, results = args.batch_sizes[0], []
+    for batch, rates in tok_s.items():
+        row = dict(batch=batch, new_tokens=n, total_tok_s=spread(rates), vs_batch_1=ratios(rates, tok_s[first]))
+        print(f"batch {batch}: {show(row['total_tok_s'], ',.0f')} new tokens/s in total "
+              f"({show(row['vs_batch_1'], '.2f', 'x')} batch {first})")
         results.append(row)
-    for row in results:
-        row["vs_batch_1"] = round(row["total_tok_s"] / results[0]["total_tok_s"], 2)
-        print(f"batch {row['batch']}: {row['total_tok_s']:,.0f} new tokens/s in total ({row['vs_batch_1']:.2f}x batch 1)")
     return results
 
 
@@ -355,21 +353,23 @@ def bench_memory(model: GPT, args: BenchArgs) -> list[dict]:
 
 
 def markdown(report: dict, args: BenchArgs) -> str:
+    """Medians, then (min-max) over the rounds; A / B is the median of the rounds' ratios."""
     rows = ["| benchmark | A | B | A | B | A / B |", "|---|---|---|---:|---:|---:|"]
     for d in report["decode"]:
         rows.append(f"| decode {d['new_tokens']} tokens, greedy, batch 1 (tok/s) | KV cache | recompute "
-                    f"| {d['cache_tok_s']:,.1f} | {d['recompute_tok_s']:,.1f} | {d['speedup']:.2f}x |")
+                    f"| {show(d['cache_tok_s'])} | {show(d['recompute_tok_s'])} | {show(d['speedup'], '.2f', 'x')} |")
     for h in report["transformers"]:
         rows.append(f"| decode {h['new_tokens']} tokens, greedy, batch 1 (tok/s) | project `generate` "
-                    f"| HF `LlamaForCausalLM.generate` | {h['project_tok_s']:,.1f} | {h['hf_tok_s']:,.1f} "
-                    f"| {h['speedup']:.2f}x |")
+                    f"| HF `LlamaForCausalLM.generate` | {show(h['project_tok_s'])} | {show(h['hf_tok_s'])} "
+                    f"| {show(h['speedup'], '.2f', 'x')} |")
     b = report["batches"]
     for row in b[1:]:
-        rows.append(f"| {row['new_tokens']} new tokens, total tok/s | batch {row['batch']} | batch 1 "
-                    f"| {row['total_tok_s']:,.0f} | {b[0]['total_tok_s']:,.0f} | {row['vs_batch_1']:.2f}x |")
+        rows.append(f"| {row['new_tokens']} new tokens, total tok/s | batch {row['batch']} | batch {b[0]['batch']} "
+                    f"| {show(row['total_tok_s'], ',.0f')} | {show(b[0]['total_tok_s'], ',.0f')} "
+                    f"| {show(row['vs_batch_1'], '.2f', 'x')} |")
     lines = ["\n".join(rows), "", "| prompt tokens | prefill tok/s | time to first token |", "|---:|---:|---:|"]
-    lines += [f"| {p['prompt_tokens']} | {p['prefill_tok_s']:,.0f} | {p['time_to_first_token_ms']:.1f} ms |"
-              for p in report["prefill"]]
+    lines += [f"| {p['prompt_tokens']} | {show(p['prefill_tok_s'], ',.0f')} "
+              f"| {show(p['time_to_first_token_ms'], '.1f', ' ms')} |" for p in report["prefill"]]
     if report["memory"]:
         lines += ["", f"| batch | peak memory of generating {args.batch_new_tokens} tokens (above the loaded model) "
                       f"| of which KV cache |", "|---:|---:|---:|"]
@@ -394,10 +394,12 @@ def main(argv=None):
     report["prefill"] = bench_prefill(model, args)
     report["batches"] = bench_batches(model, args)
     report["memory"] = bench_memory(model, args)
-    print("\n" + markdown(report, args))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nsaved {RESULTS.relative_to(ROOT)}")
+    report["table"] = markdown(report, args)
+    print("\n" + report["table"])
+    if args.quick:
+        print("\nquick mode: no record written")
+        return
+    print(f"\nsaved {write_record('inference', report).relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

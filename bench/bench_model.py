@@ -2,33 +2,37 @@
 Benchmark the model: training throughput against Hugging Face GPT-2, and the KV cache.
 
     python bench/bench_model.py            # full run (about a minute on 2 CPU cores)
-    python bench/bench_model.py --quick    # tiny sizes, a few seconds: checks the script works
+    python bench/bench_model.py --quick    # tiny sizes, a few seconds: checks the script works (no record)
     python bench/bench_model.py --device cuda --dtype bfloat16 --n_layer 12 --n_embd 768 --n_head 12
 
 1. Training: tokens/s of one forward + backward + AdamW step of the project's
    `GPT` (flavour "gpt2") and of `transformers.GPT2LMHeadModel` built from a
-   `GPT2Config` of the same size (random init, no download). Both get the same
-   batch, the same loss (cross-entropy on all positions, in float32), the same
-   optimizer and dropout 0. They run alternately (A, B, A, B, ...) after a warm-up,
-   so a slower or busier moment of the machine hits both; the median is reported.
+   `GPT2Config` of the same size and the same activation (the tanh GELU as one fused
+   kernel, `gelu_pytorch_tanh`; GPT-2's default `gelu_new` is the same function as a
+   Python formula: `--hf_activation gelu_new`), with the project model's random weights
+   copied in. Equal parameter counts and equal logits are asserted before any timing.
+   Both get the same batch, the same loss (cross-entropy on all positions, in float32),
+   the same optimizer and dropout 0. They run alternately (A, B, A, B, ...) after a
+   warm-up, so a slower or busier moment of the machine hits both; the median of the
+   rounds is reported with their min-max.
    `transformers` is a benchmark-only dependency (`pip install transformers
    safetensors`); without it this part is skipped.
 2. Generation: tokens/s of the project's `GPT.generate` with the KV cache against
-   recomputing the whole context every step, greedy, batch 1; both must produce
-   the same tokens.
+   recomputing the whole context every step, greedy, batch 1; in float32 both must
+   produce the same tokens (asserted; under bf16 autocast the two paths round
+   differently, so there the first difference is only reported).
 3. Precision: training tokens/s of the project's default (llama-flavour) model in
    float32 against bf16 autocast, alternately, the same batch: what `--dtype auto`
    gains on this machine (on a CPU, bf16 is only fast with AVX512-BF16 or AMX).
 
-All figures come from one run on one machine, so their ratios are fair. They are
-printed as a markdown table and saved to bench/results/model.json.
+All figures come from one run on one machine, so their ratios are fair. Every timer
+waits for the GPU (bench/machine.py). They are printed as a markdown table and saved,
+with the machine, torch version and date, to bench/results/model-YYYYMMDD-HHMM.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -40,12 +44,12 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from machine import machine_info, timed  # noqa: E402  (bench/machine.py)
+from machine import alternate, machine_info, ratios, show, spread, write_record  # noqa: E402  (bench/machine.py)
 from engine import generate as engine_generate  # noqa: E402  (the full sampler; model.generate is the short one)
 from model import GPT, ModelConfig  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "model.json"
 LEARNING_RATE = 3e-4
+LOGIT_TOLERANCE = 1e-4   # float32, same weights: only the order of additions differs
 
 
 @dataclass
@@ -62,17 +66,17 @@ class BenchArgs:
     gen_block_size: int = 1024   # context of the generation model (>= prompt + longest generation)
     prompt_len: int = 32
     gen_lengths: tuple = (256, 512)
-    gen_rounds: int = 1          # timed generations per length and mode (median kept)
+    gen_rounds: int = 3          # timed generations per length and mode (median kept)
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 0             # torch CPU threads; 0 = torch's default
-    hf_activation: str = "gelu_new"  # GPT-2's own; "gelu_pytorch_tanh" is the same function, one fused kernel
+    hf_activation: str = "gelu_pytorch_tanh"  # model.py's F.gelu(approximate="tanh"); GPT-2's default is gelu_new
     seed: int = 1337
     quick: bool = False
 
 
 QUICK = dict(vocab_size=512, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=4,
-             warmup=1, rounds=2, steps=2, gen_block_size=160, prompt_len=16, gen_lengths=(64, 128))
+             warmup=1, rounds=2, steps=2, gen_block_size=160, prompt_len=16, gen_lengths=(64, 128), gen_rounds=1)
 
 
 def parse_args() -> BenchArgs:
@@ -122,20 +126,40 @@ def project_gpt(args: BenchArgs, block_size: int) -> GPT:
     return GPT(config).to(args.device)
 
 
-def hf_gpt2(args: BenchArgs):
-    """GPT2LMHeadModel of the same size, random init; None if transformers is not installed."""
+def hf_gpt2(ours: GPT, args: BenchArgs):
+    """GPT2LMHeadModel of the same config holding a copy of our weights; None without transformers."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
     except ImportError:
         return None
+    from weight.hf import export_state_dict      # our names -> GPT-2's (fused c_attn, Conv1D transposed)
     hf_logging.set_verbosity_error()
-    config = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_layer=args.n_layer,
-                        n_head=args.n_head, n_embd=args.n_embd, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
-                        activation_function=args.hf_activation,
-                        attn_implementation="sdpa")
-    return GPT2LMHeadModel(config).to(args.device)
+    c = ours.config
+    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
+                        n_embd=c.n_embd, n_inner=c.ffn_hidden, layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
+                        activation_function=args.hf_activation, attn_implementation="sdpa")
+    hf = GPT2LMHeadModel(config)
+    missing, unexpected = hf.load_state_dict({k: v.clone() for k, v in export_state_dict(ours).items()}, strict=False)
+    missing = [m for m in missing if m != "lm_head.weight" and not m.endswith((".attn.bias", ".attn.masked_bias"))]
+    assert not missing and not unexpected, f"weight copy into GPT2LMHeadModel failed: missing {missing}, " \
+                                           f"unexpected {unexpected}"
+    hf.tie_weights()
+    return hf.to(args.device)
+
+
+@torch.no_grad()
+def check_same_model(ours: GPT, theirs, args: BenchArgs) -> float:
+    """Assert equal parameter counts and equal logits (float32) on a random batch: the same network."""
+    n_ours, n_theirs = count_params(ours), count_params(theirs)
+    assert n_ours == n_theirs, f"parameters differ: project GPT {n_ours:,}, GPT2LMHeadModel {n_theirs:,}"
+    x = torch.randint(args.vocab_size, (2, args.block_size), device=args.device)
+    ours.eval(), theirs.eval()
+    diff = (ours(x)[0] - theirs(input_ids=x, use_cache=False).logits).abs().max().item()
+    assert diff <= LOGIT_TOLERANCE, (f"logits differ by {diff:.2e} (> {LOGIT_TOLERANCE:g}): the two models "
+                                     f"do not compute the same function (activation {args.hf_activation}?)")
+    return diff
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -171,40 +195,38 @@ def make_train_step(model, loss_fn, x, y, args: BenchArgs):
 def bench_training(args: BenchArgs) -> dict | None:
     torch.manual_seed(args.seed)
     ours = project_gpt(args, args.block_size)
-    theirs = hf_gpt2(args)
+    theirs = hf_gpt2(ours, args)
     if theirs is None:
         print("training: skipped, transformers is not installed (pip install transformers safetensors)")
         return None
-    n_ours, n_theirs = count_params(ours), count_params(theirs)
+    diff = check_same_model(ours, theirs, args)
     print(f"training: {ours.summary()}")
-    print(f"training: parameters, project GPT {n_ours:,} vs GPT2LMHeadModel {n_theirs:,} "
-          f"({'same' if n_ours == n_theirs else 'DIFFERENT'})")
+    print(f"training: GPT2LMHeadModel ({args.hf_activation}) with the same {count_params(ours):,} parameters "
+          f"and weights; logits equal within {diff:.1e}")
 
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=args.device)
     x, y = data[:, :-1], data[:, 1:]                                          # (B, T) each
-    steps = {"project GPT": make_train_step(ours, project_loss, x, y, args),
-             "HF GPT2LMHeadModel": make_train_step(theirs, hf_loss, x, y, args)}
+    rates = train_rates({"project": make_train_step(ours, project_loss, x, y, args),
+                         "hf": make_train_step(theirs, hf_loss, x, y, args)}, args)
+    row = dict(params=count_params(ours), max_logit_diff=diff, hf_activation=args.hf_activation,
+               tokens_per_step=args.batch_size * args.block_size, project_tok_s=spread(rates["project"], 0),
+               hf_tok_s=spread(rates["hf"], 0), ratio=ratios(rates["project"], rates["hf"]))
+    print(f"training: project GPT {show(row['project_tok_s'], ',.0f')} tok/s, GPT2LMHeadModel "
+          f"{show(row['hf_tok_s'], ',.0f')} tok/s: {show(row['ratio'], '.2f', 'x')} (median (min-max) of "
+          f"{args.rounds} rounds)")
+    return row
+
+
+def train_rates(steps: dict, args: BenchArgs) -> dict[str, list[float]]:
+    """Tokens/s of each named training step in every round: `warmup` untimed steps each, then
+    rounds of `steps` steps, A, B, A, B, ..."""
+    tokens = args.batch_size * args.block_size * args.steps
+    runs = {name: (lambda step=step: [step() for _ in range(args.steps)]) for name, step in steps.items()}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
-
-    tokens = args.batch_size * args.block_size * args.steps
-    rates = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name, step in steps.items():                                      # A, B, A, B, ...
-            seconds = timed(lambda: [step() for _ in range(args.steps)], args.device)
-            rates[name].append(tokens / seconds)
-        print(f"  round {r + 1}/{args.rounds}: " +
-              ", ".join(f"{name} {rates[name][-1]:,.0f} tok/s" for name in steps))
-
-    ours_rate = statistics.median(rates["project GPT"])
-    theirs_rate = statistics.median(rates["HF GPT2LMHeadModel"])
-    return dict(params_project=n_ours, params_hf=n_theirs, same_params=n_ours == n_theirs,
-                tokens_per_step=args.batch_size * args.block_size,
-                project_tok_s=round(ours_rate, 1), hf_tok_s=round(theirs_rate, 1),
-                ratio=round(ours_rate / theirs_rate, 3),
-                rounds_project_tok_s=[round(r, 1) for r in rates["project GPT"]],
-                rounds_hf_tok_s=[round(r, 1) for r in rates["HF GPT2LMHeadModel"]])
+    seconds = alternate(runs, args.rounds, args.device, warmup=0)
+    return {name: [tokens / s for s in times] for name, times in seconds.items()}
 
 
 # ----------------------------------------------------------------------------------
@@ -234,31 +256,26 @@ def bench_generation(args: BenchArgs) -> list[dict]:
 
     results = []
     for n in args.gen_lengths:
-        seconds = {True: [], False: []}
         outputs = {}
-        for _ in range(args.gen_rounds):
-            for use_cache in (True, False):
-                def run():
-                    outputs[use_cache] = generate(model, prompt, n, use_cache, args)
-                seconds[use_cache].append(timed(run, args.device))
-        cached_rate = n / statistics.median(seconds[True])
-        recompute_rate = n / statistics.median(seconds[False])
+        runs = {cache: (lambda cache=cache: outputs.__setitem__(cache, generate(model, prompt, n, cache, args)))
+                for cache in (True, False)}
+        seconds = alternate(runs, args.gen_rounds, args.device, warmup=0)
+        cached, recompute = ([n / s for s in seconds[c]] for c in (True, False))
         diff = first_difference(outputs[True], outputs[False])
-        same = diff == -1
-        print(f"generation: {n} new tokens after a {args.prompt_len}-token prompt: "
-              f"KV cache {cached_rate:,.1f} tok/s, recompute {recompute_rate:,.1f} tok/s, "
-              f"tokens {'identical' if same else f'DIFFER from new token {diff - args.prompt_len}'}")
-        if not same:
-            print("  (the two paths round differently; in low precision a near-tie between the top two "
-                  "logits of a random-init model can flip a greedy pick)")
-        results.append(dict(new_tokens=n, prompt_tokens=args.prompt_len,
-                            cache_tok_s=round(cached_rate, 1), recompute_tok_s=round(recompute_rate, 1),
-                            speedup=round(cached_rate / recompute_rate, 2), identical=same))
+        if args.dtype == "float32":
+            assert diff == -1, (f"{n} new tokens: the KV cache and recomputing give different tokens from new "
+                                f"token {diff - args.prompt_len}: the cache is wrong")
+        row = dict(new_tokens=n, prompt_tokens=args.prompt_len, cache_tok_s=spread(cached),
+                   recompute_tok_s=spread(recompute), speedup=ratios(cached, recompute), identical=diff == -1)
+        print(f"generation: {n} new tokens after a {args.prompt_len}-token prompt: KV cache "
+              f"{show(row['cache_tok_s'])} tok/s, recompute {show(row['recompute_tok_s'])} tok/s, "
+              f"{show(row['speedup'], '.2f', 'x')}; tokens "
+              f"{'identical' if diff == -1 else f'differ from new token {diff - args.prompt_len}'}")
+        if diff != -1:
+            print("  (bf16: the two paths round differently, and a near-tie between the top two logits of a "
+                  "random-init model can flip a greedy pick)")
+        results.append(row)
     return results
-
-
-# ----------------------------------------------------------------------------------
-# Report
 
 
 # ----------------------------------------------------------------------------------
@@ -272,42 +289,39 @@ def bench_precision(args: BenchArgs) -> dict:
                          n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=args.device)
     x, y = data[:, :-1], data[:, 1:]                                          # (B, T) each
-    steps = {}
-    for dtype in ("float32", "bfloat16"):
-        run_args = BenchArgs(**{**asdict(args), "dtype": dtype})
-        steps[dtype] = make_train_step(GPT(config).to(args.device), project_loss, x, y, run_args)
-        for _ in range(args.warmup):
-            steps[dtype]()
-    tokens = args.batch_size * args.block_size * args.steps
-    rates = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():                                      # A, B, A, B, ...
-            rates[name].append(tokens / timed(lambda: [step() for _ in range(args.steps)], args.device))
-    fp32, bf16 = statistics.median(rates["float32"]), statistics.median(rates["bfloat16"])
+    steps = {dtype: make_train_step(GPT(config).to(args.device), project_loss, x, y,
+                                    BenchArgs(**{**asdict(args), "dtype": dtype}))
+             for dtype in ("float32", "bfloat16")}
+    rates = train_rates(steps, args)
     native = args.device != "cpu" or cpu_has_native_bf16()
-    print(f"precision: llama flavour, float32 {fp32:,.0f} tok/s, bf16 autocast {bf16:,.0f} tok/s "
-          f"({bf16 / fp32:.2f}x; {'native' if native else 'emulated'} bf16)")
-    return dict(fp32_tok_s=round(fp32, 1), bf16_tok_s=round(bf16, 1), ratio=round(bf16 / fp32, 3),
-                native_bf16=native)
+    row = dict(fp32_tok_s=spread(rates["float32"], 0), bf16_tok_s=spread(rates["bfloat16"], 0),
+               ratio=ratios(rates["bfloat16"], rates["float32"]), native_bf16=native)
+    print(f"precision: llama flavour, float32 {show(row['fp32_tok_s'], ',.0f')} tok/s, bf16 autocast "
+          f"{show(row['bf16_tok_s'], ',.0f')} tok/s: {show(row['ratio'], '.2f', 'x')} "
+          f"({'native' if native else 'emulated'} bf16)")
+    return row
 
 
-def markdown_table(train: dict | None, generation: list[dict], args: BenchArgs,
-                   precision: dict | None = None) -> str:
+# ----------------------------------------------------------------------------------
+# Report
+
+
+def markdown_table(train: dict | None, generation: list[dict], args: BenchArgs, precision: dict) -> str:
+    """Medians, then (min-max) over the rounds; A / B is the median of the rounds' ratios."""
     rows = ["| benchmark | A | B | A tok/s | B tok/s | A / B |",
             "|---|---|---|---:|---:|---:|"]
     if train is not None:
-        hf_note = "" if args.hf_activation == "gelu_new" else f" ({args.hf_activation})"
         rows.append(f"| training, {args.batch_size}x{args.block_size} tokens/step, fwd+bwd+AdamW "
-                    f"| project GPT | HF GPT2LMHeadModel{hf_note} | {train['project_tok_s']:,.0f} "
-                    f"| {train['hf_tok_s']:,.0f} | {train['ratio']:.2f}x |")
+                    f"| project GPT | HF GPT2LMHeadModel ({args.hf_activation}) "
+                    f"| {show(train['project_tok_s'], ',.0f')} "
+                    f"| {show(train['hf_tok_s'], ',.0f')} | {show(train['ratio'], '.2f', 'x')} |")
     for g in generation:
         rows.append(f"| generation, {g['new_tokens']} new tokens, greedy, batch 1 "
-                    f"| KV cache | recompute | {g['cache_tok_s']:,.1f} | {g['recompute_tok_s']:,.1f} "
-                    f"| {g['speedup']:.2f}x |")
-    if precision is not None:
-        rows.append(f"| training, llama flavour, {args.batch_size}x{args.block_size} tokens/step "
-                    f"| bf16 autocast | float32 | {precision['bf16_tok_s']:,.0f} | {precision['fp32_tok_s']:,.0f} "
-                    f"| {precision['ratio']:.2f}x |")
+                    f"| KV cache | recompute | {show(g['cache_tok_s'])} | {show(g['recompute_tok_s'])} "
+                    f"| {show(g['speedup'], '.2f', 'x')} |")
+    rows.append(f"| training, llama flavour, {args.batch_size}x{args.block_size} tokens/step "
+                f"| bf16 autocast | float32 | {show(precision['bf16_tok_s'], ',.0f')} "
+                f"| {show(precision['fp32_tok_s'], ',.0f')} | {show(precision['ratio'], '.2f', 'x')} |")
     return "\n".join(rows)
 
 
@@ -324,16 +338,17 @@ def main():
     generation = bench_generation(args)
     precision = bench_precision(args)
 
-    print()
-    print(markdown_table(train, generation, args, precision))
+    table = markdown_table(train, generation, args, precision)
+    print("\n" + table)
     print(f"\nmachine: torch {machine['torch']}, {machine['threads']} threads of {machine['cpu_cores']} "
           f"cores, {machine['device']}, {machine['dtype']}; size: vocab {args.vocab_size}, "
           f"{args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads")
-
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(dict(machine=machine, args=asdict(args), training=train,
-                                       generation=generation, precision=precision), indent=1) + "\n")
-    print(f"saved {RESULTS.relative_to(ROOT)}")
+    if args.quick:
+        print("quick mode: no record written")
+        return
+    out = write_record("model", dict(machine=machine, args=asdict(args), training=train, generation=generation,
+                                     precision=precision, table=table))
+    print(f"saved {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
