@@ -3,7 +3,7 @@ Public weights at their real sizes: import time, memory, logits and speed of wei
 import against transformers, side by side in one run.
 
     python bench/bench_hf.py --quick                  # GPT-2 124M only, 2 rounds (~1 min on 2 CPU cores)
-    python bench/bench_hf.py                          # + Qwen2.5-0.5B (~3 min on 2 CPU cores, ~8 GB RAM)
+    python bench/bench_hf.py                          # + Qwen2.5-0.5B (~4 min on 2 CPU cores, ~8 GB RAM)
     python bench/bench_hf.py --models qwen2.5-1.5b --device cuda
 
 Nothing is downloaded: each model is a transformers model with the real architecture (the

@@ -1,7 +1,7 @@
 """
 Benchmark generation: the KV cache, Hugging Face `generate`, prefill, batching, memory.
 
-    python bench/bench_inference.py            # default-size model, random weights (~2-4 min on 2 CPU cores)
+    python bench/bench_inference.py            # default-size model, random weights (~3 min on 2 CPU cores)
     python bench/bench_inference.py --quick    # tiny sizes, seconds: checks the script works (no record)
     python bench/bench_inference.py --ckpt weight/pretrain     # your trained weights instead
     python bench/bench_inference.py --device cuda

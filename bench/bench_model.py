@@ -1,7 +1,7 @@
 """
 Benchmark the model: training throughput against Hugging Face GPT-2, and the KV cache.
 
-    python bench/bench_model.py            # full run (about a minute on 2 CPU cores)
+    python bench/bench_model.py            # full run (about 4 minutes on 2 CPU cores)
     python bench/bench_model.py --quick    # tiny sizes, a few seconds: checks the script works (no record)
     python bench/bench_model.py --device cuda --dtype bfloat16 --n_layer 12 --n_embd 768 --n_head 12
 
