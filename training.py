@@ -231,7 +231,7 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
     batch_rng = torch.Generator().manual_seed(cfg.seed + rt.rank)  # data order, saved for resume
     state = {"step": 0, "best_val_loss": float("inf"), "tokens": 0, "seconds": 0.0, "start_val_loss": None}
     meta = {**meta, "stage": stage, "train": {**dataclasses.asdict(cfg), "preset": getattr(cfg, "preset", None)}}
-    run = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config), "tokenizer": meta.get("tokenizer")}
+    run = {"train": meta["train"], "model": dataclasses.asdict(model.config), "tokenizer": meta.get("tokenizer")}
 
     resume_path = out_dir / RESUME_FILE
     if cfg.resume:

@@ -47,7 +47,7 @@ from model import IGNORE_INDEX
 from tokenizer.chat import check_messages, render_chat
 
 from .corpus_tasks import DEFAULT_DIR, speaker_records
-from .pretrain_data import DataError
+from .pretrain_data import DataError, check_file_has_content
 
 DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
 EVAL_ONLY_ONE_IN = 5         # 1 in 5 words / number pairs / names is only ever used for evaluation
@@ -217,12 +217,7 @@ def jsonl_records(path: str | Path, expected: str) -> Iterator[tuple[str, object
 
 def check_record_file(path: Path, expected: str) -> None:
     """Refuse, in one line, a path that is not a .jsonl / .json file of records."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; give a .jsonl or .json file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+    check_file_has_content(path, "give a .jsonl or .json file")
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: {path.suffix or 'a file without a suffix'} is not read here; convert it to "
                         f".jsonl with one JSON object per line, {expected}, or to a .json file holding a list "

@@ -41,14 +41,19 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line and the fix."""
 
 
-def check_data_file(path: Path):
-    """Refuse, in one line, a path that cannot be a text file to train on."""
+def check_file_has_content(path: Path, folder_hint: str, empty_hint: str = ""):
+    """Refuse, in one line, a path that is missing, a folder or an empty file (the hints say what to give)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
-        raise DataError(f"{path}: is a folder; pass .txt or .jsonl files")
+        raise DataError(f"{path}: is a folder; {folder_hint}")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty; give a file with text in it")
+        raise DataError(f"{path}: file is empty{empty_hint}")
+
+
+def check_data_file(path: Path):
+    """Refuse, in one line, a path that cannot be a text file to train on."""
+    check_file_has_content(path, "pass .txt or .jsonl files", "; give a file with text in it")
     if path.suffix not in (".txt", ".jsonl", ".md"):
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl with {{\"text\": ...}}")
 
