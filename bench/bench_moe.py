@@ -28,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+from machine import machine_info, write_record  # noqa: E402  (bench/machine.py)
+
 VARIANTS = {
     "dense": [],
     "moe-8x2": ["--n_experts", "8", "--top_k", "2"],
@@ -52,7 +55,9 @@ def train(name: str, flags: list[str], seconds: float, quick: bool) -> dict:
     model = GPT(ModelConfig.from_dict(config))
     with open(out_dir / "log.csv", newline="") as f:
         curve = [(float(r["seconds"]), int(r["tokens"]), float(r["val_bpb"])) for r in csv.DictReader(f) if r["val_bpb"]]
+    router = sum(p.numel() for n, p in model.named_parameters() if n.endswith("router.weight"))
     return {"name": name, "params": model.num_params(), "active_params": model.num_params(active=True),
+            "router_params": router,
             "tokens_per_second": metrics["tokens_per_second"], "tokens": metrics["tokens"], "steps": metrics["steps"],
             "val_bpb": metrics["val_bpb"], "val_bpb_en": metrics.get("val_bpb_en"), "curve": curve}
 
@@ -87,6 +92,11 @@ def main():
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = [train(name, VARIANTS[name], args.seconds, args.quick) for name in args.variants]
+    # the claim of the comparison: every variant computes with the same parameters per token,
+    # apart from the small router (n_embd x n_experts per layer) that only the MoE models have
+    active = {r["name"]: r["active_params"] - r["router_params"] for r in results}
+    if len(set(active.values())) != 1:
+        sys.exit(f"active parameters (without routers) differ, not a comparison at equal compute per token: {active}")
     print(f"\n| variant | params | active params | tokens/s | tokens in {args.seconds:.0f} s | val bpb | en |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -97,8 +107,11 @@ def main():
         print(f"{r['name']} vs {base['name']}: {r['tokens_per_second'] / base['tokens_per_second']:.2f}x the tokens/s, "
               f"val bpb {r['val_bpb'] - base['val_bpb']:+.3f}")
     plot(results, RESULTS / "moe.png")
-    (RESULTS / "moe.json").write_text(json.dumps(results, indent=2))
-    print(f"-> {RESULTS / 'moe.png'}, {RESULTS / 'moe.json'}")
+    if args.quick:
+        print(f"-> {RESULTS / 'moe.png'} (quick mode: no record written)")
+        return
+    out = write_record("moe", dict(machine=machine_info("cpu"), args=vars(args), results=results))
+    print(f"-> {RESULTS / 'moe.png'}, {out}")
 
 
 if __name__ == "__main__":

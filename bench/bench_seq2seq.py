@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+from machine import machine_info, write_record  # noqa: E402  (bench/machine.py)
+
 ARCHS = {"decoder": [], "seq2seq": ["--n_encoder_layer", "2", "--n_layer", "2"]}
 
 
@@ -107,12 +110,19 @@ def main():
         print(f"| {r['arch']} | {r['params'] / 1e6:.2f}M | {r['pretrain_seconds']:.0f} s + {r['sft_seconds']:.0f} s "
               f"| {r['train_memory_mb']:.0f} MB | {100 * r['accuracy']:.1f}% | {r['infer_memory_mb']:.0f} MB "
               f"| {r['tokens_per_second']:.0f} |")
+    # the claim of the comparison: models of similar size (within 25% of parameters)
+    sizes = [r["params"] for r in rows]
+    if max(sizes) > 1.25 * min(sizes):
+        sys.exit(f"the models differ in size by more than 25%, not a like-for-like comparison: {sizes}")
     families = sorted(rows[0]["accuracy_by_family"])
     print("\n| family | " + " | ".join(r["arch"] for r in rows) + " |\n|---|" + "---:|" * len(rows))
     for f in families:
         print(f"| {f} | " + " | ".join(f"{100 * r['accuracy_by_family'].get(f, 0):.0f}%" for r in rows) + " |")
-    (RESULTS / "seq2seq.json").write_text(json.dumps(rows, indent=2))
-    print(f"-> {RESULTS / 'seq2seq.json'}")
+    if args.quick:
+        print("quick mode: no record written")
+        return
+    out = write_record("seq2seq", dict(machine=machine_info("cpu"), args=vars(args), results=rows))
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":
