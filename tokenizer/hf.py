@@ -125,9 +125,15 @@ class PretrainedTokenizer(Tokenizer):
         specials.update({RESERVED.format(i): i for i in range(n_vocab) if i not in used})
         self.special_ids = dict(sorted(specials.items(), key=lambda kv: kv[1]))
         self.special_tokens = tuple(self.special_ids)
+        # tiktoken needs a token for every byte; a vocabulary that lacks some (SmolLM2 has none for 21 bytes
+        # it never saw, such as 0x04 or 0xFF) gets them at ids past the end, which encode then drops, as
+        # the reference tokenizer drops bytes it has no token for
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in self.ranks]
+        self._n_vocab = n_vocab
         self._enc = tiktoken.Encoding(name=f"pretrained-{self.fingerprint}", pat_str=pattern,
-                                      mergeable_ranks=self.ranks, special_tokens=self.special_ids,
-                                      explicit_n_vocab=n_vocab)
+                                      mergeable_ranks={**self.ranks, **{b: n_vocab + k for k, b in enumerate(missing)}},
+                                      special_tokens=self.special_ids, explicit_n_vocab=n_vocab + len(missing))
+        self._drops_bytes = bool(missing)
         # bytes per token (0 for special tokens), for bits per byte
         self.token_bytes = np.zeros(n_vocab, dtype=np.int32)
         for token, i in self.ranks.items():
@@ -168,14 +174,23 @@ class PretrainedTokenizer(Tokenizer):
     def normalize(self, text: str) -> str:
         return unicodedata.normalize("NFC", text) if self.normalization == "NFC" else text
 
+    @property
+    def vocab_size(self) -> int:
+        return self._n_vocab
+
+    def _known(self, ids: list[int]) -> list[int]:
+        """Without the ids of bytes the vocabulary has no token for (see __init__)."""
+        return [i for i in ids if i < self._n_vocab] if self._drops_bytes else ids
+
     def encode(self, text: str, allowed_special="none") -> list[int]:
-        return super().encode(self.normalize(text), allowed_special)
+        return self._known(super().encode(self.normalize(text), allowed_special))
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return super().encode_ordinary(self.normalize(text))
+        return self._known(super().encode_ordinary(self.normalize(text)))
 
     def encode_batch(self, texts: Sequence[str], allowed_special="none", num_threads: int | None = None):
-        return super().encode_batch([self.normalize(t) for t in texts], allowed_special, num_threads)
+        return [self._known(ids) for ids in super().encode_batch([self.normalize(t) for t in texts],
+                                                                 allowed_special, num_threads)]
 
     def tokens(self) -> list[bytes]:
         """The ordinary tokens' bytes, in id order."""
@@ -276,10 +291,10 @@ def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list,
     """
     byte_tokens = [BYTE_TO_CHAR[b] for b in range(256)]
     missing = [t for t in byte_tokens if t not in vocab]
-    if missing:
+    if len(missing) > 128:     # a few bytes may never have been seen (SmolLM2 lacks 21); most must be there
         raise ValueError(f"{where}: not a byte-level BPE vocabulary ({len(missing)} of the 256 byte tokens "
                          f"are missing, e.g. {missing[0]!r}); only GPT-2/Qwen2-style tokenizers are supported")
-    ranks = {spelled_to_bytes(t): vocab[t] for t in byte_tokens}
+    ranks = {spelled_to_bytes(t): vocab[t] for t in byte_tokens if t in vocab}
     previous = -1
     for n, pair in enumerate(merges):
         left, right = pair.split(" ") if isinstance(pair, str) else pair

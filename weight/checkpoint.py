@@ -13,8 +13,9 @@ belongs to the weights.
     weight/lora/         an adapter: adapter.pt (the A and B matrices) + adapter_config.json,
                          which names the base checkpoint it was trained on
 
-`load_checkpoint` also reads a Hugging Face model folder (weight/hf.py) as it is. Weights
-are read without running pickled code (torch.load(weights_only=True), safetensors).
+`load_checkpoint` also reads a Hugging Face model folder (weight/hf.py) and a .gguf file
+(weight/gguf.py) as they are. Weights are read without running pickled code
+(torch.load(weights_only=True), safetensors, GGUF).
 Loading a model to chat, serve, evaluate or export needs only this file, never the
 training loop.
 """
@@ -30,6 +31,7 @@ import torch
 from atomic import atomic_path, atomic_write_text
 from model import ModelConfig, build_model
 from tokenizer import load_tokenizer
+from weight.gguf import installed_gguf, is_gguf_file, load_gguf_checkpoint, load_gguf_tokenizer
 from weight.hf import is_hf_folder, load_hf_checkpoint, load_hf_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent     # the repository
@@ -64,9 +66,11 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
     Weights are read with weights_only=True: no pickled code runs. A Hugging Face model
     folder (GPT-2, Qwen2, Llama: config.json with a model_type) is converted on the fly.
     """
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = installed_gguf(ckpt_dir) or Path(ckpt_dir)       # "smollm2": the file its package ships
     if is_hf_folder(ckpt_dir):
         return load_hf_checkpoint(ckpt_dir, device)
+    if is_gguf_file(ckpt_dir):
+        return load_gguf_checkpoint(ckpt_dir, device)
     config_path, weights_path = ckpt_dir / CONFIG_FILE, ckpt_dir / WEIGHTS_FILE
     if (ckpt_dir / ADAPTER_CONFIG).exists() and not weights_path.exists():
         raise ValueError(f"{ckpt_dir}/ is a LoRA adapter, not a full checkpoint: use --lora {ckpt_dir} (inference, "
@@ -92,8 +96,11 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
 
 def load_checkpoint_tokenizer(ckpt_dir: str | Path):
     """The tokenizer a checkpoint was trained with: its tokenizer.json, or a Hugging Face folder's own files."""
+    ckpt_dir = installed_gguf(ckpt_dir) or ckpt_dir
     if is_hf_folder(ckpt_dir):
         return load_hf_tokenizer(ckpt_dir)
+    if is_gguf_file(ckpt_dir):
+        return load_gguf_tokenizer(ckpt_dir)
     path = Path(ckpt_dir) / TOKENIZER_FILE
     if not path.exists():   # a newly trained tokenizer would not match the weights: say where the right one is
         raise FileNotFoundError(f"{path} not found: copy the tokenizer this model was trained with there "

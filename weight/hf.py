@@ -362,6 +362,12 @@ def load_hf_model(folder, device="cpu", dtype: torch.dtype = torch.float32, hf: 
     if unused:
         raise ValueError(f"{folder}/: the weights hold {len(unused)} tensors this config.json has no place for "
                          f"(e.g. {unused[0]}): config.json and the weights disagree")
+    return fill_meta_model(model, state, device)
+
+
+def fill_meta_model(model: GPT, state: dict[str, torch.Tensor], device: torch.device) -> GPT:
+    """A GPT built on the "meta" device (shapes only) takes the real tensors of `state` as its parameters."""
+    cfg = model.config
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:                # one Parameter again, as GPT() ties them
         model.lm_head.weight = model.tok_emb.weight
