@@ -5,6 +5,8 @@ on held-out answers.
     exact_match_report(model, tokenizer, records)   greedy answers, compared with the expected
                                                     ones: accuracy overall and per task family
     answer_loss_evaluator(examples, ...)            for the training loop: mean loss per answer token
+    bootstrap_interval(values), centred(score, chance)   how sure a benchmark score is, and how far
+                                                    above chance it lies (evaluation.py's benchmarks)
 
 An answer counts only if it equals the expected text exactly (spaces at the ends
 ignored). The answers come from the same batched engine as inference.py and serve.py.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from engine import Engine, SamplingParams
@@ -98,3 +101,24 @@ def answer_loss_evaluator(examples, batch_size: int, collate_fn, device):
                 break
         return {"val_loss": nats / max(count, 1)}
     return evaluate
+
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """A confidence interval for the mean of per-item scores (1 right, 0 wrong), by the percentile bootstrap.
+
+    Draw n items with replacement from the n scored ones, `resamples` times, and take each draw's mean:
+    the middle `level` of those means (2.5% to 97.5% for 95%) is the interval. It narrows like 1/sqrt(n)."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def centred(score: float, chance: float) -> float:
+    """(score - chance) / (1 - chance): 0 for guessing, 1 for every answer right, below 0 worse than guessing."""
+    return (score - chance) / (1 - chance)
