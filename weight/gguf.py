@@ -43,7 +43,7 @@ from atomic import atomic_path
 from model import GPT, ModelConfig
 from tokenizer.hf import (CHAT_TOKENS, GPT2_PATTERN, QWEN2_PATTERN, PretrainedTokenizer, bytes_to_spelled,
                           chatml_template, default_system_prompt, merges_from_ranks, ranks_from_vocab_and_merges)
-from weight.hf import check_memory, fill_meta_model, hf_config_from_model
+from weight.hf import hf_config_from_model, model_from_tensors
 
 SUFFIX = ".gguf"
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
@@ -226,24 +226,8 @@ def load_gguf_model(path, device="cpu", dtype: torch.dtype = torch.float32, voca
     cfg = model_config_from_gguf(f)
     if vocab_size:
         cfg.vocab_size = vocab_size
-    with torch.device("meta"):                 # shapes only: no memory, no random init
-        model = GPT(cfg)
-    check_memory(model.num_params(), dtype, device, str(path))
-    state = {}
-    for name, meta in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        tensor = import_tensor(name, cfg, f)
-        if name in ("tok_emb.weight", "lm_head.weight") and tensor.shape[0] < cfg.vocab_size:
-            extra = cfg.vocab_size - tensor.shape[0]
-            tensor = torch.cat([tensor, tensor.mean(0, keepdim=True).expand(extra, -1)])
-        if tuple(tensor.shape) != tuple(meta.shape):
-            raise ValueError(f"{path}: {gguf_name(name)} is {tuple(tensor.shape)}, but the metadata makes "
-                             f"{name} {tuple(meta.shape)}: the file's metadata and tensors disagree")
-        state[name] = tensor.to(device=device, dtype=dtype)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    return fill_meta_model(model, state, device)
+    return model_from_tensors(cfg, lambda name: import_tensor(name, cfg, f), device, dtype, str(path),
+                              "the file's metadata")
 
 
 def tokenizer_from_gguf(path) -> PretrainedTokenizer:

@@ -331,43 +331,47 @@ def import_tensor(ours: str, cfg: ModelConfig, reader: SafetensorsReader) -> tor
 
 def load_hf_model(folder, device="cpu", dtype: torch.dtype = torch.float32, hf: dict | None = None,
                   vocab_size: int | None = None) -> GPT:
-    """Build our GPT from a Hugging Face folder's config.json + safetensors, lazily, in `dtype`.
-
-    vocab_size > the weights' rows: the new rows start as the mean of the others (a neutral
-    guess: their logits start near the average, so nothing changes until they are trained).
-    """
+    """Build our GPT from a Hugging Face folder's config.json + safetensors, lazily, in `dtype`
+    (vocab_size > the weights' rows: see model_from_tensors)."""
     folder, device = Path(folder), torch.device(device)
     hf = hf or read_hf_config(folder)
     reader = SafetensorsReader(folder)
     rows = embedding_rows(reader, hf)
     cfg = model_config_from_hf(hf, vocab_size or rows, str(folder / "config.json"))
-    with torch.device("meta"):            # shapes only: no memory, no random init
-        model = GPT(cfg)
-    check_memory(model.num_params(), dtype, device, str(folder))
-    state = {}
-    for name, meta in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        tensor = import_tensor(name, cfg, reader)
-        if name in ("tok_emb.weight", "lm_head.weight") and tensor.shape[0] < cfg.vocab_size:
-            extra = cfg.vocab_size - tensor.shape[0]
-            tensor = torch.cat([tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(extra, -1)])
-        if tuple(tensor.shape) != tuple(meta.shape):
-            raise ValueError(f"{folder}/: {name} should be {tuple(meta.shape)} for this config.json, the weights "
-                             f"give {tuple(tensor.shape)}: config.json and the weights disagree")
-        state[name] = tensor.to(device=device, dtype=dtype)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
+    model = model_from_tensors(cfg, lambda name: import_tensor(name, cfg, reader), device, dtype,
+                               f"{folder}/", "this config.json")
     unused = [n for n in reader.unused() if not (cfg.tie_embeddings and n == "lm_head.weight")]
     if unused:
         raise ValueError(f"{folder}/: the weights hold {len(unused)} tensors this config.json has no place for "
                          f"(e.g. {unused[0]}): config.json and the weights disagree")
-    return fill_meta_model(model, state, device)
+    return model
 
 
-def fill_meta_model(model: GPT, state: dict[str, torch.Tensor], device: torch.device) -> GPT:
-    """A GPT built on the "meta" device (shapes only) takes the real tensors of `state` as its parameters."""
-    cfg = model.config
+def model_from_tensors(cfg: ModelConfig, read, device: torch.device, dtype: torch.dtype, where: str,
+                       described_by: str) -> GPT:
+    """GPT(cfg) built on the "meta" device (shapes only: no memory, no random init), then filled one tensor
+    at a time: read(our name) -> the tensor. Also used by weight/gguf.py.
+
+    vocab_size > the weights' rows: the new rows start as the mean of the others (a neutral
+    guess: their logits start near the average, so nothing changes until they are trained).
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    check_memory(model.num_params(), dtype, device, where)
+    state = {}
+    for name, meta in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        tensor = read(name)
+        if name in ("tok_emb.weight", "lm_head.weight") and tensor.shape[0] < cfg.vocab_size:
+            extra = cfg.vocab_size - tensor.shape[0]
+            tensor = torch.cat([tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(extra, -1)])
+        if tuple(tensor.shape) != tuple(meta.shape):
+            raise ValueError(f"{where}: {name} should be {tuple(meta.shape)} for {described_by}, the weights give "
+                             f"{tuple(tensor.shape)}: {described_by} and the weights disagree")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:                # one Parameter again, as GPT() ties them
         model.lm_head.weight = model.tok_emb.weight
