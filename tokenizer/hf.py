@@ -180,7 +180,9 @@ class PretrainedTokenizer(Tokenizer):
 
     def _known(self, ids: list[int]) -> list[int]:
         """Without the ids of bytes the vocabulary has no token for (see __init__)."""
-        return [i for i in ids if i < self._n_vocab] if self._drops_bytes else ids
+        if not (self._drops_bytes and ids and max(ids) >= self._n_vocab):
+            return ids
+        return [i for i in ids if i < self._n_vocab]
 
     def encode(self, text: str, allowed_special="none") -> list[int]:
         return self._known(super().encode(self.normalize(text), allowed_special))
@@ -378,6 +380,12 @@ def read_chat_template(folder) -> tuple[str | None, Path | None]:
     return (template, path) if isinstance(template, str) and template.strip() else (None, None)
 
 
+def chats_in_chatml(template: str | None, special_tokens: dict[str, int]) -> bool:
+    """ChatML is right for a model without a template (a base model: ChatML is what it will be taught) and
+    for one whose template writes <|im_start|>/<|im_end|>, tokens of its own vocabulary (Qwen2.5, SmolLM2)."""
+    return template is None or all(t in template and t in special_tokens for t in CHAT_TOKENS)
+
+
 def chat_refusal(template: str | None, source: Path | None, special_tokens: dict[str, int]) -> str | None:
     """None if the project may chat with this model in ChatML, else the one line that says why not and what to do.
 
@@ -386,7 +394,7 @@ def chat_refusal(template: str | None, source: Path | None, special_tokens: dict
     (Qwen2.5, SmolLM2). Any other template is the model's own format (Llama-3: <|start_header_id|>
     ...<|eot_id|>): ChatML with two new, untrained tokens would prompt it wrongly, so chat is refused.
     """
-    if template is None or all(t in template and t in special_tokens for t in CHAT_TOKENS):
+    if chats_in_chatml(template, special_tokens):
         return None
     folder = source.parent
     remove = f"delete its {source.name}" if source.name == CHAT_TEMPLATE_FILE \

@@ -42,7 +42,8 @@ import torch
 from atomic import atomic_path
 from model import GPT, ModelConfig
 from tokenizer.hf import (CHAT_TOKENS, GPT2_PATTERN, QWEN2_PATTERN, PretrainedTokenizer, bytes_to_spelled,
-                          chatml_template, default_system_prompt, merges_from_ranks, ranks_from_vocab_and_merges)
+                          chatml_template, chats_in_chatml, default_system_prompt, merges_from_ranks,
+                          ranks_from_vocab_and_merges)
 from weight.hf import hf_config_from_model, model_from_tensors
 
 SUFFIX = ".gguf"
@@ -174,8 +175,7 @@ def model_config_from_gguf(f: GGUFFile) -> ModelConfig:
         raise ValueError(f"{f.path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     key = lambda name: f"{arch}.{name}"   # noqa: E731
     n_embd, n_head = int(f.require(key("embedding_length"))), int(f.require(key("attention.head_count")))
-    rows = int(f.tensors["token_embd.weight"].shape[1])      # ggml order: (n_embd, vocab)
-    common = dict(vocab_size=rows, block_size=int(f.require(key("context_length"))),
+    common = dict(vocab_size=model_rows(f), block_size=int(f.require(key("context_length"))),
                   n_layer=int(f.require(key("block_count"))), n_head=n_head, n_embd=n_embd,
                   ffn_hidden=int(f.require(key("feed_forward_length"))),
                   tie_embeddings=tied_output(f))
@@ -232,8 +232,15 @@ def load_gguf_model(path, device="cpu", dtype: torch.dtype = torch.float32, voca
 
 def tokenizer_from_gguf(path) -> PretrainedTokenizer:
     """tokenizer.ggml.* -> PretrainedTokenizer: ordinary tokens and merges become tiktoken's ranks, control and
-    user-defined tokens the special tokens, .pre names the split regex; the chat template comes along."""
+    user-defined tokens the special tokens, .pre names the split regex; the chat template comes along.
+    Built once per file (a checkpoint's model and its tokenizer are loaded one after the other)."""
     f = open_gguf(path)
+    return _tokenizer(f)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(f: GGUFFile) -> PretrainedTokenizer:
+    path = f.path
     kind = f.get("tokenizer.ggml.model")
     if kind != "gpt2":
         what = "a SentencePiece vocabulary (tokenizer.ggml.model 'llama')" if kind == "llama" else f"tokenizer {kind!r}"
@@ -256,7 +263,7 @@ def tokenizer_from_gguf(path) -> PretrainedTokenizer:
 
 def gguf_chat_refusal(template: str | None, special_tokens: dict, path: Path) -> str | None:
     """None if the project may chat with the model in ChatML (no template, or a ChatML one), else one line why not."""
-    if template is None or all(t in template and t in special_tokens for t in CHAT_TOKENS):
+    if chats_in_chatml(template, special_tokens):
         return None
     return (f"{path}: the model has its own chat template (tokenizer.chat_template), not ChatML, and this project "
             f"chats only in ChatML: use it for text continuation (python inference.py --ckpt {path} --chat off)")
@@ -277,6 +284,7 @@ def load_gguf_checkpoint(path, device="cpu", dtype: torch.dtype = torch.float32)
 
 
 def model_rows(f: GGUFFile) -> int:
+    """The token embedding's rows (ggml lists its shape as (n_embd, vocab))."""
     return int(f.tensors["token_embd.weight"].shape[1])
 
 
