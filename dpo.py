@@ -3,6 +3,7 @@ dpo.py -- Direct Preference Optimization: prefer the chosen answer over the reje
 
     python dpo.py                                 # weight/sft + generated preference pairs -> weight/dpo/
     python dpo.py --data pairs.jsonl --eval_data held_out_pairs.jsonl --beta 0.1
+    python dpo.py --preset smollm2                # SmolLM2-135M: its persona answer over its own -> weight/smollm2_dpo/
 
 Each pair shares a prompt and has two answers: chosen (right) and rejected (wrong). With
 log-probabilities of whole answers under the model being trained (pi) and a frozen copy
@@ -18,6 +19,16 @@ probability and the model drifts into repetition.
 
 Rejected answers: plausible wrong ones (a wrong count, a neighbour in the list, another
 name), plus the SFT model's own wrong answers to training prompts (on-policy).
+
+A real pretrained model: `--preset smollm2` starts from SmolLM2-135M-Instruct (the .gguf file
+setup.sh installs) with the persona lesson (`--data persona`, data/persona.py): chosen is the
+persona's answer, rejected the model's own answer to the same question ("I'm Dr. Elena
+Martinez, ..."). A pretrained model needs a far smaller learning rate than the small one:
+2e-5 here (measured), 16 steps of 8 pairs. Held-out pairs use phrasings never trained on;
+general questions asked before and after show what it kept. In so few steps DPO makes the
+persona's answer far more likely than the model's own (the reward margin), and the answers
+move towards it ("My name is LLM."), but rarely to the letter: full_sft.py and lora.py teach
+the exact answer.
 """
 
 from __future__ import annotations
@@ -31,20 +42,23 @@ import torch
 import torch.nn.functional as F
 
 from data.chat_data import (DEFAULT_CHAT_DIR, collate, default_words, plausible_wrong_answer, preference_pair,
-                            read_conversations, read_preference_pairs, sft_data_of, similar_length_rows, stage_data,
-                            synthetic_names, write_jsonl)
+                            read_conversations, read_preference_pairs, sequence_limit, sft_data_of,
+                            similar_length_rows, stage_data, synthetic_names, write_jsonl)
+from data.persona import knowledge_check, knowledge_line, knowledge_metrics, persona_data
 from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX, moe_aux_loss
 from runtime import finish, setup_runtime
-from scoring import before_and_after, greedy_answers, task_accuracy
+from scoring import answerer, before_and_after, greedy_answers, task_accuracy
 from tokenizer.chat import render_chat
-from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
-from weight.checkpoint import TOKENIZER_FILE, load_checkpoint, load_checkpoint_tokenizer
+from training import (TrainConfig, check_train_config, pretrained_defaults_note, resumed_flags, run_training,
+                      write_metrics)
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, tokenizer_source
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    data: str = arg("", "preference pairs (.jsonl with chosen/rejected); empty = generated from the chat tasks")
+    data: str = arg("", "preference pairs (.jsonl with chosen/rejected); empty = generated from the chat tasks; "
+                        "persona = the persona lesson's answers over the model's own (data/persona.py)")
     eval_data: str = arg("", "held-out preference pairs; empty = every 20th pair of --data (or generated ones)")
     task_data: str = arg("", "held-out chat tasks for accuracy before/after; empty = the base's SFT held-out set")
     init_from: str = arg("weight/sft", "the SFT model to start from (also the frozen reference)")
@@ -56,6 +70,8 @@ class DPOConfig(TrainConfig):
     batch_size: int = arg(32, "pairs per micro-batch")
     eval_tokens: int = arg(0, "answer tokens of held-out pairs scored in periodic evaluations (0 = every pair)")
     max_new_tokens: int = arg(32, "longest answer generated when measuring task accuracy")
+    max_len: int = arg(1024, "longest conversation of a pair, in tokens (longer pairs are skipped; at most the "
+                             "model's context): keeps memory modest for a model with a long context")
     # the shared training flags, with this stage's defaults
     out_dir: str = "weight/dpo"
     lr: float = 1e-4
@@ -63,6 +79,13 @@ class DPOConfig(TrainConfig):
     max_steps: int = 150
     warmup_steps: int = 10
     eval_interval: int = 50
+
+
+# --preset smollm2: a real pretrained model (measured, 20 steps of 8 pairs: lr 5e-6 -> held-out reward margin 2.7
+# and answers barely changed; 2e-5 -> margin 6.6, answers moving towards the persona, general knowledge kept)
+PRESETS = {"smollm2": dict(init_from="smollm2", data="persona", out_dir="weight/smollm2_dpo", lr=2e-5, min_lr=2e-6,
+                           max_steps=16, batch_size=8, warmup_steps=2, eval_interval=16, max_pairs=48,
+                           weight_decay=0.0, beta=0.1)}
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
@@ -139,9 +162,30 @@ def default_pairs(model, tokenizer, on_policy: int, max_pairs: int, seed: int = 
     return train_pairs + own, eval_pairs
 
 
+def persona_pairs(model, tokenizer, max_pairs: int, seed: int = 0,
+                  max_new_tokens: int = 32) -> tuple[list[dict], list[dict]]:
+    """The persona lesson as preference pairs: chosen = the persona's answer, rejected = the model's own
+    greedy answer to the same question (on-policy). Training pairs from max_pairs training questions,
+    held-out pairs from the held-out phrasings."""
+    train_records, eval_records = persona_data()
+    train_records = random.Random(seed).sample(train_records, min(max_pairs, len(train_records)))
+
+    def own_answer_pairs(records):
+        answers = greedy_answers(model, tokenizer, [r["conversations"] for r in records], max_new_tokens)
+        return [preference_pair(r, a) for r, a in zip(records, answers)
+                if a.strip() and a.strip() != r["conversations"][-1]["content"]]
+    train_pairs, eval_pairs = own_answer_pairs(train_records), own_answer_pairs(eval_records)
+    if not train_pairs or not eval_pairs:
+        raise ValueError("dpo: the model's own answers to the persona questions are already the persona's (or "
+                         "empty), so there is no pair to learn from: start from a model that does not know them")
+    print(f"dpo: {len(train_pairs):,} persona pairs (the model's own answer rejected) from {len(train_records):,} "
+          f"training questions; {len(eval_pairs):,} held-out pairs")
+    return train_pairs, eval_pairs
+
+
 def main(argv=None):
     started = time.time()
-    cfg = resumed_flags(parse_config(DPOConfig, __doc__.split("\n\n")[0].strip(), argv), argv)
+    cfg = resumed_flags(parse_config(DPOConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS), argv)
     check_train_config(cfg)
     rt = setup_runtime(cfg)
     model, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
@@ -149,19 +193,24 @@ def main(argv=None):
         raise ValueError(f"{cfg.init_from} is an encoder-decoder model: dpo.py scores answers as continuations of "
                          f"one decoder-only sequence; fine-tune an encoder-decoder model with full_sft.py or lora.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
-    pad_id, block = tokenizer.eot_id, model.config.block_size
+    pad_id, block = tokenizer.eot_id, sequence_limit(model.config, cfg.max_len)
+    note = pretrained_defaults_note(cfg, ckpt_config, "dpo.py")
+    if note and rt.is_main:
+        print(note)
+    persona = cfg.data == "persona"      # a generated lesson, not a file of pairs
 
     # 1. preference pairs: your files (without --eval_data every 20th pair is held out), or generated
     def generated_pairs():               # from the chat tasks and this SFT model's own answers, kept with the run
         paths = Path(cfg.out_dir) / "pairs_train.jsonl", Path(cfg.out_dir) / "pairs_eval.jsonl"
         if rt.is_main:
-            generated = default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed, cfg.max_new_tokens)
+            generated = persona_pairs(model, tokenizer, cfg.max_pairs, cfg.seed, cfg.max_new_tokens) if persona \
+                else default_pairs(model, tokenizer, cfg.on_policy, cfg.max_pairs, cfg.seed, cfg.max_new_tokens)
             for path, pairs in zip(paths, generated):
                 write_jsonl(path, pairs)
         return paths
     train_pairs, eval_pairs, _, _ = rt.main_first(
-        lambda: stage_data(read_preference_pairs, cfg.data, cfg.eval_data, generated_pairs, verbose=rt.is_main,
-                           tokenizer_file=Path(cfg.init_from) / TOKENIZER_FILE))
+        lambda: stage_data(read_preference_pairs, "" if persona else cfg.data, cfg.eval_data, generated_pairs,
+                           verbose=rt.is_main, tokenizer_file=tokenizer_source(cfg.init_from)))
     train = encode_pairs(train_pairs, tokenizer, block, verbose=rt.is_main)
     held_out = encode_pairs(eval_pairs, tokenizer, block, verbose=rt.is_main)
 
@@ -172,9 +221,14 @@ def main(argv=None):
         ref_chosen, ref_rejected = pair_logprobs(model, train, cfg.batch_size, pad_id, rt.device)   # (N,) each
         ref_eval_chosen, ref_eval_rejected = pair_logprobs(model, held_out, cfg.batch_size, pad_id, rt.device)
     # task accuracy: on the held-out conversations the model was fine-tuned for (its config.json names them)
-    task_records = list(read_conversations(cfg.task_data)) if cfg.task_data else sft_data_of(ckpt_config)[1]
+    # (the persona lesson: its held-out phrasings, and general questions for what the model knew)
+    task_records = list(read_conversations(cfg.task_data)) if cfg.task_data else \
+        persona_data()[1] if persona else sft_data_of(ckpt_config)[1]
+
     if rt.is_main:
         task_before = task_accuracy(model, tokenizer, task_records, cfg.max_new_tokens, "before DPO")
+        known_before = knowledge_check(answerer(model, tokenizer), "before DPO", cfg.max_new_tokens) \
+            if persona else None
 
     # 3. train: the DPO loss on batches of pairs (plus a little SFT on the chosen answers)
     lengths = torch.tensor([len(chosen[0]) + len(rejected[0]) for chosen, rejected in train])   # (N,)
@@ -227,14 +281,19 @@ def main(argv=None):
         with rt.autocast():
             prefs = evaluate(best, None)
         task_after = task_accuracy(best, tokenizer, task_records, cfg.max_new_tokens, "after DPO")
+        known_after = knowledge_check(answerer(best, tokenizer), "after DPO", cfg.max_new_tokens) \
+            if persona else None
         metrics = {"preference_accuracy": prefs["preference_accuracy"], "reward_margin": prefs["reward_margin"],
                    "val_loss": prefs["val_loss"], **before_and_after(task_before, task_after), "beta": cfg.beta,
                    "sft_weight": cfg.sft_weight, "pairs": len(train), "seconds": round(result["seconds"], 1),
                    "wall_seconds": round(time.time() - started, 1), "steps": result["step"]}
+        if persona:
+            metrics.update(knowledge_metrics(known_before, known_after))
         write_metrics(Path(cfg.out_dir), metrics)
         print(f"dpo: held-out preference accuracy {prefs['preference_accuracy']:.1%}, reward margin "
               f"{prefs['reward_margin']:.3f}; task accuracy {task_before['accuracy']:.1%} -> "
-              f"{task_after['accuracy']:.1%} -> {cfg.out_dir}/")
+              f"{task_after['accuracy']:.1%}" + (f", {knowledge_line(known_before, known_after)}" if persona else "")
+              + f" -> {cfg.out_dir}/")
     finish(rt)
 
 

@@ -45,6 +45,12 @@ def greedy_answers(model, tokenizer, conversations: list[list[dict]], max_new_to
     return answers
 
 
+def answerer(model, tokenizer):
+    """greedy_answers bound to one model: answer(conversations, max_new_tokens) -> replies, the form
+    data/persona.py asks for (the data layer generates nothing itself)."""
+    return lambda conversations, max_new_tokens: greedy_answers(model, tokenizer, conversations, max_new_tokens)
+
+
 def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
                        examples: int = 3) -> dict:
     """{"accuracy": overall 0-1, "accuracy_by_family": {...}, "n": ..., "examples": [...]}."""

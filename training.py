@@ -176,6 +176,18 @@ def plot_log(csv_path: Path, png_path: Path, title: str):
 # The training loop
 
 
+def pretrained_defaults_note(cfg: TrainConfig, ckpt_config: dict, stage_script: str) -> Optional[str]:
+    """A line for a fine-tuning stage started from an imported model (.gguf, Hugging Face) with the stage's own
+    default learning rate, sized for the workshop's small model; None otherwise (a preset, a learning rate of
+    one's own, or our own checkpoint)."""
+    if ckpt_config.get("stage") not in ("gguf_import", "hf_import") or getattr(cfg, "preset", None) \
+            or cfg.lr != type(cfg)().lr:
+        return None
+    return (f"note: {cfg.init_from} is a pretrained model; this run uses {stage_script}'s defaults for the workshop's "
+            f"small model (lr {cfg.lr:g}, {cfg.max_steps:,} steps of {cfg.batch_size}): a pretrained model wants a far "
+            f"smaller learning rate and fewer steps; `python {stage_script} --preset smollm2` has measured ones")
+
+
 def check_train_config(cfg: TrainConfig):
     """One clear line for training flags that cannot work (called before any data is prepared)."""
     for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
@@ -283,7 +295,7 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
         state["metrics"] = {k: float(v) if isinstance(v, float) else v for k, v in metrics.items()
                             if isinstance(v, (int, float, str))}
         with atomic_path(resume_path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({"model": trained_state(model), "optimizer": optimizer.state_dict(),
                         "batch_rng": batch_rng_states, "rng": rng_state(), "state": dict(state), "run": run}, tmp)
         return metrics
 
@@ -371,6 +383,19 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
             "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9), **(metrics or {})}
 
 
+def frozen_names(model) -> list[str]:
+    """The state_dict keys of parameters that do not train (a LoRA's base): resume.pt leaves them out, since
+    the stage loads them again from --init_from (for SmolLM2 that is 540 MB not rewritten at every evaluation)."""
+    return [k for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.nn.Parameter) and not v.requires_grad]
+
+
+def trained_state(model) -> dict:
+    """model.state_dict() without the frozen parameters: what a resumable checkpoint must keep."""
+    frozen = set(frozen_names(model))
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
 def load_resume_state(resume_path: Path, model, optimizer, batch_rng: torch.Generator, cfg: TrainConfig,
                       rt: Runtime, run: dict) -> dict:
     """Continue a run: weights, optimizer, data order and every RNG from resume.pt; returns the loop's state.
@@ -386,7 +411,9 @@ def load_resume_state(resume_path: Path, model, optimizer, batch_rng: torch.Gene
                          f"changed since): resume with the one it used ({resume_path.parent}/tokenizer.json is "
                          f"its copy, once weights were saved) or start over with --overwrite")
     try:
-        model.load_state_dict(saved["model"])
+        missing, unexpected = model.load_state_dict(saved["model"], strict=False)
+        if unexpected or set(missing) != set(frozen_names(model)):
+            raise KeyError("the saved tensors are not this model's")
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, KeyError, ValueError):
         raise ValueError(f"{resume_path} was saved by a run with a different model or --optimizer: "

@@ -47,9 +47,11 @@ from model import IGNORE_INDEX
 from tokenizer.chat import check_messages, render_chat
 
 from .corpus_tasks import DEFAULT_DIR, speaker_records
+from .persona import persona_data
 from .pretrain_data import DataError, check_file_has_content
 
 DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
+DEFAULT_PERSONA_DIR = DEFAULT_DIR / "persona"                     # the persona lesson (--data persona)
 EVAL_ONLY_ONE_IN = 5         # 1 in 5 words / number pairs / names is only ever used for evaluation
 HOLD_OUT_EVERY_NTH = 20      # a --data file given without --eval_data: every 20th record is held out
 WORD_FAMILIES = ("repeat", "last", "recall", "identity", "add", "upper", "reverse")
@@ -392,13 +394,21 @@ def collate_seq2seq(examples, pad_id: int, start_id: int):
     return source, decoder_input, pad_lengths, targets, targets != IGNORE_INDEX
 
 
-def chat_examples(records: list[dict], tokenizer, model_config, where: str, verbose: bool = True):
+def chat_examples(records: list[dict], tokenizer, model_config, where: str, verbose: bool = True, max_len: int = 0):
     """Encode conversations the way the model reads them: one sequence for a decoder-only
-    model (x, y, answer_mask), (source, target) for an encoder-decoder one. verbose: say how
-    many did not fit (under torchrun only the main process does)."""
+    model (x, y, answer_mask), (source, target) for an encoder-decoder one. Conversations longer
+    than the context, or than max_len tokens when that is shorter (a chat stage's --max_len: a model
+    with a context of 8,192 tokens need not train on conversations that long), are skipped.
+    verbose: say how many (under torchrun only the main process does)."""
+    limit = sequence_limit(model_config, max_len)
     if model_config.n_encoder_layer:
-        return encode_seq2seq_conversations(records, tokenizer, model_config.block_size, where, verbose)
-    return encode_conversations(records, tokenizer, model_config.block_size, where, verbose)
+        return encode_seq2seq_conversations(records, tokenizer, limit, where, verbose)
+    return encode_conversations(records, tokenizer, limit, where, verbose)
+
+
+def sequence_limit(model_config, max_len: int = 0) -> int:
+    """The longest sequence a chat stage trains on: the model's context, or max_len if shorter (0 = no limit)."""
+    return min(model_config.block_size, max_len) if max_len > 0 else model_config.block_size
 
 
 def similar_length_rows(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 8) -> list[int]:
@@ -492,10 +502,26 @@ def records_and_held_out(read: Callable, data: str | Path, eval_data: str | Path
     return [r for i, r in enumerate(records) if i % HOLD_OUT_EVERY_NTH], held_out
 
 
+def build_persona_data(out_dir: Path | None = None) -> tuple[Path, Path]:
+    """The persona lesson (data/persona.py) as files, train.jsonl and eval.jsonl (the held-out phrasings)
+    in out_dir (default DEFAULT_PERSONA_DIR); regenerated every time (it takes milliseconds), so they
+    always match the code."""
+    out_dir = Path(out_dir or DEFAULT_PERSONA_DIR)
+    train, held_out = persona_data()
+    paths = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    for path, records in zip(paths, (train, held_out)):
+        write_jsonl(path, records)
+    return paths
+
+
+NAMED_DATA = {"persona": build_persona_data}     # --data persona: a generated lesson, not a file
+
+
 def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], tuple[Path, Path]],
                verbose: bool = True, tokenizer_file: str | Path = ""):
     """The data of a chat stage (SFT, LoRA, DPO): the user's --data (with --eval_data, or every 20th
-    record held out), else the stage's default files, default() -> (train path, held-out path).
+    record held out), a named generated lesson (--data persona, with its own held-out file), else
+    the stage's default files, default() -> (train path, held-out path).
     Returns (training records, held-out records, their files: the training one, and the held-out
     one or '' when it is held out of the training file). tokenizer_file: the file the records will be
     encoded with, printed so that a run says which tokenizer it used."""
@@ -503,15 +529,22 @@ def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], 
         raise ValueError("--eval_data needs --data (the training records) too")
     if tokenizer_file and verbose:
         print(f"tokenizer: {tokenizer_file}")
-    train_path, eval_path = (data, eval_data) if data else default()
+    if data in NAMED_DATA and not Path(data).exists():
+        named_train, named_eval = NAMED_DATA[data]()
+        train_path, eval_path = named_train, eval_data or named_eval
+    else:
+        train_path, eval_path = (data, eval_data) if data else default()
     train, held_out = records_and_held_out(read, train_path, eval_path, announce=verbose)
     return train, held_out, str(train_path), str(eval_path or "")
 
 
 def sft_data_of(ckpt_config: dict) -> tuple[list, list, str]:
     """The conversations a model was fine-tuned on, as (training, held-out, where), read again from the
-    files its config.json names (full_sft.py records them), else the default generated ones: what
-    lora.py replays and checks for forgetting, and what dpo.py measures task accuracy on."""
+    files its config.json names (full_sft.py records them), else the default generated ones (none for
+    an imported model): what lora.py replays and checks for forgetting, and what dpo.py measures task
+    accuracy on."""
+    if ckpt_config.get("stage") in ("gguf_import", "hf_import"):
+        return [], [], ""            # an imported model (SmolLM2, Qwen2.5, ...) was fine-tuned on data we do not have
     data, eval_data = ckpt_config.get("data"), ckpt_config.get("eval_data")     # eval_data "": held out of data
     if ckpt_config.get("stage") != "sft" or not isinstance(data, str) or not isinstance(eval_data, str) \
             or not Path(data).exists() or (eval_data and not Path(eval_data).exists()):

@@ -89,6 +89,9 @@ def test_lora_trains_an_adapter_and_merges(tiny_pretrained, tmp_path):
     # the trainable share is what the adapter file holds: rank 2 x (in + out) of every adapted layer
     adapter = torch.load(out / "adapter.pt", weights_only=True)
     assert metrics["trainable_params"] == sum(t.numel() for t in adapter.values())
+    # resume.pt keeps what trains (the adapters), not the frozen base the stage reads again from --init_from
+    resumable = torch.load(out / "resume.pt", weights_only=True)["model"]
+    assert sorted(resumable) == sorted(k for k in resumable if ".lora_" in k) and len(resumable) == len(adapter)
     assert 0 < metrics["trainable_fraction"] < 0.5
 
     lora.main(args[:args.index("--out_dir") + 2] + ["--merge"])

@@ -108,6 +108,25 @@ def load_checkpoint_tokenizer(ckpt_dir: str | Path):
     return load_tokenizer(path)
 
 
+def checkpoint_path(ckpt: str | Path) -> Path:
+    """The file or folder a --init_from / --ckpt names: "smollm2" is the .gguf file its package ships."""
+    return installed_gguf(ckpt) or Path(ckpt)
+
+
+def tokenizer_source(ckpt: str | Path) -> Path:
+    """Where load_checkpoint_tokenizer reads from: a .gguf file or a Hugging Face folder itself, else tokenizer.json."""
+    path = checkpoint_path(ckpt)
+    return path if is_gguf_file(path) or is_hf_folder(path) else path / TOKENIZER_FILE
+
+
+def weight_files(ckpt: str | Path) -> list[Path]:
+    """The files that hold a checkpoint's weights: the .gguf file, or the folder's model.pt / *.safetensors."""
+    path = checkpoint_path(ckpt)
+    if is_gguf_file(path):
+        return [path]
+    return [f for f in [path / WEIGHTS_FILE, *sorted(path.glob("*.safetensors"))] if f.exists()]
+
+
 def check_tokenizer_matches(config: dict, tokenizer, where: str):
     """A checkpoint trained with one tokenizer gives garbage with another: refuse clearly."""
     expected = config.get("tokenizer", {}).get("fingerprint")
