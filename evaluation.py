@@ -6,6 +6,7 @@ evaluation.py -- how well does a chat checkpoint do on held-out tasks and on sta
     python evaluation.py --ckpt weight/sft --data my_eval.jsonl --out report.json
     python evaluation.py --ckpt weight/pretrain --tasks choice   # multiple choice only (a base model)
     python evaluation.py --ckpt smollm2.gguf --tasks arc_easy,hellaswag --limit 500 --num_fewshot 0
+    python evaluation.py --tasks chat --samples 16     # pass@k and maj@k (self-consistency) for k = 1 ... 16
 
 Three ways to score, as JSON:
 
@@ -48,7 +49,8 @@ from engine import left_pad
 from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX
 from runtime import resolve_device
-from scoring import BOOTSTRAP_RESAMPLES, bootstrap_interval, centred, exact_match_report, format_report
+from scoring import (BOOTSTRAP_RESAMPLES, bootstrap_interval, centred, exact_match_report, format_report, sampled_answers,
+                     scaling_report)
 from tokenizer.chat import render_chat
 from weight.checkpoint import ROOT, load_model
 
@@ -309,6 +311,10 @@ class EvalConfig:
     num_fewshot: int = arg(0, "benchmarks: solved examples before each question (drawn with a fixed seed)")
     batch_size: int = arg(32, "multiple choice: options scored per forward pass")
     max_new_tokens: int = arg(32, "longest answer generated")
+    samples: int = arg(0, "chat tasks: also sample N answers per item (temperature --temperature) and report pass@k "
+                          "and maj@k (self-consistency) for k = 1, 2, 4, ... N, plotted (0 = off)")
+    temperature: float = arg(1.0, "with --samples: the sampling temperature")
+    plot: str = arg("weight/eval/scaling.png", "with --samples: where the pass@k / maj@k plot goes")
     device: str = arg("auto", "auto | cpu | cuda | mps", choices=["auto", "cpu", "cuda", "mps"])
     out: str = arg("", "write the JSON report here ('' = only print it)")
 
@@ -335,6 +341,9 @@ def evaluate_checkpoint(model, tokenizer, tasks: str = "all", data: str | Path =
 
 def main(argv=None):
     cfg = parse_config(EvalConfig, __doc__.split("\n\n")[0].strip(), argv)
+    if cfg.samples < 0 or (cfg.samples and cfg.temperature <= 0):
+        raise ValueError(f"--samples {cfg.samples} --temperature {cfg.temperature:g}: sampling needs --samples >= 1 "
+                         f"and a temperature above 0 (at 0 every sample is the greedy answer)")
     if parse_tasks(cfg.tasks)[1]:                                # a wrong name or missing data stops here,
         check_benchmark_data()                                    # before the model loads
     model, tokenizer, _, _ = load_model(cfg.ckpt, cfg.lora, resolve_device(cfg.device), make_hint="python full_sft.py")
@@ -350,8 +359,53 @@ def main(argv=None):
         print(f"{name}: {format_choice_report(report['choice'])}")
     if "benchmarks" in report:
         print(f"\n{name}:\n{format_benchmark_table(report['benchmarks'])}")
+    if cfg.samples and "chat" in report:
+        report["scaling"] = scaling(model, tokenizer, cfg, name)
     if cfg.out:
         atomic_write_text(Path(cfg.out), json.dumps({"ckpt": name, **report}, indent=2, ensure_ascii=False))
+
+
+def scaling(model, tokenizer, cfg: EvalConfig, name: str) -> dict:
+    """Inference-time scaling on the chat tasks: n samples per item -> pass@k and maj@k for k = 1, 2, 4, ..."""
+    records = list(read_conversations(cfg.data))
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= cfg.samples]
+    started = time.time()
+    samples = sampled_answers(model, tokenizer, [r["conversations"] for r in records], cfg.samples,
+                              cfg.max_new_tokens, cfg.temperature)
+    report = scaling_report(records, samples, ks)
+    print(f"\n{name}: {cfg.samples} samples per item at temperature {cfg.temperature:g} "
+          f"({time.time() - started:.0f} s)")
+    print("\n".join(f"  k={k:<3} pass@k {report['pass_at_k'][k]:6.1%}   maj@k {report['maj_at_k'][k]:6.1%}" for k in ks))
+    plot_scaling(report, Path(cfg.plot), name)
+    print(f"-> {cfg.plot}")
+    return report
+
+
+def plot_scaling(report: dict, path: Path, title: str):
+    """pass@k and maj@k against k (log scale), overall and for each task family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ks = report["ks"]
+    families = sorted(report["pass_at_k_by_family"][ks[0]])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, key, label in zip(axes, ("pass_at_k", "maj_at_k"), ("pass@k: one of k samples is right",
+                                                                 "maj@k: the majority of k samples is right")):
+        ax.plot(ks, [report[key][k] for k in ks], "k-o", lw=2.5, label="all")
+        for f in families:
+            ax.plot(ks, [report[f"{key}_by_family"][k][f] for k in ks], "-", marker=".", lw=1, label=f)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k (samples)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

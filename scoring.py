@@ -4,6 +4,8 @@ on held-out answers.
 
     exact_match_report(model, tokenizer, records)   greedy answers, compared with the expected
                                                     ones: accuracy overall and per task family
+    scaling_report(records, sampled_answers(...))   n sampled answers each: pass@k (one of k is right)
+                                                    and maj@k (self-consistency: the majority is right)
     answer_loss_evaluator(examples, ...)            for the training loop: mean loss per answer token
     bootstrap_interval(values), centred(score, chance)   how sure a benchmark score is, and how far
                                                     above chance it lies (evaluation.py's benchmarks)
@@ -21,6 +23,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from data.cot import marked_answer
 from engine import Engine, SamplingParams
 from model import IGNORE_INDEX
 from tokenizer.chat import render_chat
@@ -51,6 +54,15 @@ def answerer(model, tokenizer):
     return lambda conversations, max_new_tokens: greedy_answers(model, tokenizer, conversations, max_new_tokens)
 
 
+def is_right(answer: str, record: dict) -> bool:
+    """The checker (also grpo.py's reward): the answer equals the record's last message exactly, spaces at
+    the ends ignored; a record with a worked answer (data/cot.py) names its final "answer", compared with
+    the text after the model's last "Answer:"."""
+    if "answer" in record:
+        return marked_answer(answer) == record["answer"].strip()
+    return answer.strip() == record["conversations"][-1]["content"].strip()
+
+
 def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
                        examples: int = 3) -> dict:
     """{"accuracy": overall 0-1, "accuracy_by_family": {...}, "n": ..., "examples": [...]}."""
@@ -59,7 +71,7 @@ def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: in
     shown = []
     for record, answer in zip(records, answers):
         expected = record["conversations"][-1]["content"]
-        ok = answer.strip() == expected.strip()
+        ok = is_right(answer, record)
         family = record.get("family", "user")
         right[family] += ok
         total[family] += 1
@@ -107,6 +119,64 @@ def answer_loss_evaluator(examples, batch_size: int, collate_fn, device):
                 break
         return {"val_loss": nats / max(count, 1)}
     return evaluate
+
+
+@torch.no_grad()
+def sampled_answers(model, tokenizer, conversations: list[list[dict]], n: int, max_new_tokens: int = 32,
+                    temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[list[str]]:
+    """n sampled answers to each conversation (pure temperature sampling: no top-k, top-p or penalty, so
+    that the samples are the model's own distribution): [[answer 1, ..., answer n], ...]."""
+    prompts = [render_chat(c[:-1], tokenizer, add_generation_prompt=True)[0] for c in conversations]
+    engine = Engine(model, tokenizer, chat=True, stop_tokens=(tokenizer.im_end_id,))
+    params = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                            max_new_tokens=max_new_tokens, seed=seed)
+    done = engine.complete([p for p in prompts for _ in range(n)], params, batch_size)
+    return [[c.text for c in done[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The chance that at least one of k answers drawn from n samples (correct of them right) is right:
+    1 - C(n - correct, k) / C(n, k), the unbiased estimator of Chen et al. (2021)."""
+    if n - correct < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - correct + 1, n + 1)))
+
+
+def majority_answer(answers: list[str]) -> str:
+    """Self-consistency (Wang et al., 2022): the final answer given most often (after "Answer:" when
+    there is one); a tie goes to the answer reached first."""
+    finals = [marked_answer(a) for a in answers]
+    counts = {}
+    for f in finals:
+        counts[f] = counts.get(f, 0) + 1
+    return max(counts, key=lambda f: (counts[f], -finals.index(f)))
+
+
+def scaling_report(records: list[dict], samples: list[list[str]], ks: list[int], orders: int = 16,
+                   seed: int = 0) -> dict:
+    """pass@k and maj@k for each k, overall and per family, from n samples per record.
+
+    pass@k: some of k answers is right (the estimator above, over all n). maj@k: the majority
+    answer of k samples is right, averaged over `orders` random draws of k of the n samples."""
+    rng = np.random.default_rng(seed)
+    per_k = {k: {"pass": [], "maj": []} for k in ks}
+    families = []
+    for record, answers in zip(records, samples):
+        right = [is_right(a, record) for a in answers]
+        families.append(record.get("family", "user"))
+        for k in ks:
+            per_k[k]["pass"].append(pass_at_k(len(answers), sum(right), k))
+            draws = [rng.choice(len(answers), k, replace=False) for _ in range(orders)]
+            per_k[k]["maj"].append(np.mean([is_right(majority_answer([answers[i] for i in d]), record)
+                                            for d in draws]))
+
+    def by_family(values):
+        return {f: float(np.mean([v for v, g in zip(values, families) if g == f])) for f in sorted(set(families))}
+    return {"n": len(records), "samples": len(samples[0]) if samples else 0, "ks": ks,
+            "pass_at_k": {k: float(np.mean(per_k[k]["pass"])) for k in ks},
+            "maj_at_k": {k: float(np.mean(per_k[k]["maj"])) for k in ks},
+            "pass_at_k_by_family": {k: by_family(per_k[k]["pass"]) for k in ks},
+            "maj_at_k_by_family": {k: by_family(per_k[k]["maj"]) for k in ks}}
 
 
 BOOTSTRAP_RESAMPLES = 1000

@@ -47,6 +47,7 @@ from model import IGNORE_INDEX
 from tokenizer.chat import check_messages, render_chat
 
 from .corpus_tasks import DEFAULT_DIR, speaker_records
+from .cot import build_cot_data
 from .persona import persona_data
 from .pretrain_data import DataError, check_file_has_content
 
@@ -295,7 +296,8 @@ def sharegpt_messages(turns: list, where: str) -> list:
 
 
 def read_conversations(path: str | Path) -> Iterator[dict]:
-    """Yield {"conversations": [...], "family": ..., "lang": ...} from a .jsonl or .json file.
+    """Yield {"conversations": [...], "family": ..., "lang": ...} from a .jsonl or .json file (and "answer",
+    the final answer a checker compares, when a record has one: a worked answer's, data/cot.py).
 
     Accepts OpenAI "messages", minimind and ShareGPT "conversations", and alpaca records (see
     the top of this file). Bad records stop with file:line (or file: record N) and the fix.
@@ -303,7 +305,9 @@ def read_conversations(path: str | Path) -> Iterator[dict]:
     for where, record in jsonl_records(path, CHAT_RECORD):
         messages = chat_messages(record, where)
         check_turns(messages, where)
-        yield {"conversations": messages, "family": record.get("family", "user"), "lang": record.get("lang", "")}
+        checked = {"answer": record["answer"]} if isinstance(record.get("answer"), str) else {}   # data/cot.py
+        yield {"conversations": messages, "family": record.get("family", "user"), "lang": record.get("lang", ""),
+               **checked}
 
 
 def check_turns(messages: list, where: str) -> None:
@@ -514,7 +518,15 @@ def build_persona_data(out_dir: Path | None = None) -> tuple[Path, Path]:
     return paths
 
 
-NAMED_DATA = {"persona": build_persona_data}     # --data persona: a generated lesson, not a file
+def build_cot_chat_data(out_dir: Path | None = None) -> tuple[Path, Path]:
+    """The default chat tasks with worked answers for add, reverse and upper (data/cot.py), in out_dir
+    (default data/default/cot/): train.jsonl and eval.jsonl, the same prompts and held-out set."""
+    build_default_chat_data(DEFAULT_CHAT_DIR, verbose=False)
+    return build_cot_data(DEFAULT_CHAT_DIR, Path(out_dir or DEFAULT_DIR / "cot"))
+
+
+# --data NAME: a generated lesson, not a file
+NAMED_DATA = {"persona": build_persona_data, "cot": build_cot_chat_data}
 
 
 def stage_data(read: Callable, data: str, eval_data: str, default: Callable[[], tuple[Path, Path]],
