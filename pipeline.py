@@ -47,24 +47,27 @@ STAGES = {
     "sft": (["full_sft.py"], "weight/sft"),
     "lora": (["lora.py"], "weight/lora"),
     "dpo": (["dpo.py"], "weight/dpo"),
+    "grpo": (["grpo.py"], "weight/grpo"),                     # only when asked: --stages ... grpo
 }
+DEFAULT_STAGES = ("pretrain", "sft", "lora", "dpo", "eval")
 # checkpoints that take the multiple-choice test at the end (the LoRA one is base + adapter)
 EVALUATED = {"pretrain": ["--ckpt", "weight/pretrain"], "sft": ["--ckpt", "weight/sft"],
-             "lora": ["--lora", "weight/lora"], "dpo": ["--ckpt", "weight/dpo"]}
+             "lora": ["--lora", "weight/lora"], "dpo": ["--ckpt", "weight/dpo"], "grpo": ["--ckpt", "weight/grpo"]}
 REPORT_DIR = "weight/eval"
 PROGRESS_BAR = re.compile(r"\d+%\|.*?(\d+)/(\d+)")          # a tqdm bar: "sft:  11%|█▏  | 226/2000 ..."
 TARGETS = {"pretrain": "English bpb <= 2.10", "sft": ">= 50%", "lora": "new >= 60%, old within 10 pts, < 5%",
-           "dpo": "preference >= 80%, task not below SFT"}
+           "dpo": "preference >= 80%, task not below SFT", "grpo": "above SFT"}
 # How long each stage took on a reference machine, and how long that machine took for the
 # calibration step below: the estimate for this machine scales these by its own calibration step.
 # Measured with `python bench/bench_pipeline.py` (bench/results/pipeline-*.json).
 REFERENCE = {"machine": "2-core AMD EPYC (Zen 3) VM, AVX2, float32", "calibration_seconds": 1.05,
-             "seconds": {"pretrain": 457.0, "sft": 589.0, "lora": 104.0, "dpo": 111.0, "eval": 46.0}}
+             "seconds": {"pretrain": 457.0, "sft": 589.0, "lora": 104.0, "dpo": 111.0, "eval": 46.0, "grpo": 180.0}}
 
 
 @dataclass
 class PipelineConfig:
-    stages: tuple = arg(tuple(STAGES) + ("eval",), "stages to run, in order", nargs="+", type=str)
+    stages: tuple = arg(DEFAULT_STAGES, "stages to run, in order (grpo.py's stage too: --stages pretrain sft lora dpo "
+                                        "grpo eval)", nargs="+", type=str)
     overwrite: bool = arg(False, "retrain stages whose output already exists")
     device: str = arg("auto", "passed to every stage", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg("auto", "passed to every training stage: auto (bf16 on CUDA and on CPUs with bf16 "
@@ -175,7 +178,7 @@ def bpb(x) -> str:
 
 def summary_table(results: dict) -> str:
     """Markdown tables: each stage's headline numbers with the targets, then accuracy per task family."""
-    pre, sft, lora, dpo = (results.get(s, {}) for s in ("pretrain", "sft", "lora", "dpo"))
+    pre, sft, lora, dpo, grpo = (results.get(s, {}) for s in ("pretrain", "sft", "lora", "dpo", "grpo"))
     choice = results.get("choice", {})
     seconds = results.get("seconds", {})
 
@@ -208,6 +211,10 @@ def summary_table(results: dict) -> str:
                      f"{pct(dpo['accuracy_before'])} -> {pct(dpo['accuracy'])}", TARGETS["dpo"],
                      check(dpo["preference_accuracy"] >= 0.8 and dpo["accuracy"] >= dpo["accuracy_before"]),
                      wall("dpo")))
+    if grpo:
+        rows.append(("grpo", "task accuracy; mean reward", f"{pct(grpo['accuracy_before'])} -> {pct(grpo['accuracy'])}; "
+                     f"{grpo['mean_reward_first']:.2f} -> {grpo['mean_reward_last']:.2f}", TARGETS["grpo"],
+                     check(grpo["accuracy"] > grpo["accuracy_before"]), wall("grpo")))
     if choice:
         rows.append(("eval", "multiple choice per byte (chance " + pct(next(iter(choice.values()))["chance"]) + ")",
                      ", ".join(f"{k} {pct(v['accuracy_norm'])}" for k, v in choice.items()), "", "", wall("eval")))
@@ -215,7 +222,8 @@ def summary_table(results: dict) -> str:
 
     # accuracy per task family for every checkpoint: where each stage gained or lost
     columns = [("pretrain", sft.get("accuracy_by_family_before")), ("sft", sft.get("accuracy_by_family")),
-               ("lora", lora.get("accuracy_by_family")), ("dpo", dpo.get("accuracy_by_family"))]
+               ("lora", lora.get("accuracy_by_family")), ("dpo", dpo.get("accuracy_by_family")),
+               ("grpo", grpo.get("accuracy_by_family"))]
     columns = [(name, dict(fam)) for name, fam in columns if fam]
     families = sorted({f for _, fam in columns for f in fam})
     for name, fam in columns:                              # multiple-choice families, per byte
@@ -245,7 +253,7 @@ def refuse_foreign_weights(name: str, overwrite: bool, logs: Path):
     weights = [f for f in (WEIGHTS_FILE, ADAPTER_FILE) if (folder / f).exists()]
     if overwrite or not weights or (folder / RESUME_FILE).exists() or (logs / f"{name}.started").exists():
         return
-    later = [s for s in STAGES if list(STAGES).index(s) > list(STAGES).index(name)] + ["eval"]
+    later = [s for s in DEFAULT_STAGES if s in STAGES and list(STAGES).index(s) > list(STAGES).index(name)] + ["eval"]
     raise ValueError(f"{STAGES[name][1]}/{weights[0]} was not trained by the pipeline (no metrics.json): "
                      f"to build on it, run the later stages only (python pipeline.py --stages {' '.join(later)}); "
                      f"to retrain it, move it away or add --overwrite")

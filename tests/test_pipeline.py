@@ -96,6 +96,16 @@ def test_weights_the_pipeline_did_not_train_are_never_replaced_unasked(tmp_path,
     assert ran == ["pretrain"]
 
 
+def test_a_grpo_stage_asked_for_gets_its_row_and_column():
+    grpo = {"accuracy": 0.6, "accuracy_before": 0.55, "mean_reward_first": 0.4, "mean_reward_last": 0.52,
+            "accuracy_by_family": {"add": 0.12, "repeat": 0.95}}
+    table = pipeline.summary_table({"sft": SFT, "grpo": grpo, "seconds": {"grpo": 90.0}})
+    row = lambda name: next(line for line in table.splitlines() if line.startswith(f"| {name} "))   # noqa: E731
+    assert "55.0% -> 60.0%; 0.40 -> 0.52" in row("grpo") and "| yes" in row("grpo") and "90 s" in row("grpo")
+    assert "95.0%" in row("repeat") and row("task family").split("|")[-2].strip() == "grpo"   # its own column
+    assert "**no**" in pipeline.summary_table({"grpo": {**grpo, "accuracy": 0.55}})     # not above SFT's
+
+
 def test_the_table_of_an_english_only_run_shows_no_chinese_figure():
     pre = {"val_bpb": 2.05, "val_bpb_en": 2.05, "val_bpb_zh": None}      # setup without fortunes-zh
     choice = {"pretrain": {"accuracy_norm": 0.3, "chance": 0.25, "accuracy_norm_by_family": {"next_line": 0.3}}}
@@ -138,7 +148,7 @@ def test_every_stage_gets_the_pipelines_seed_device_and_dtype_and_eval_scores_ea
 
 
 def test_unknown_stages_are_refused_with_the_list():
-    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, eval"):
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, grpo, eval"):
         pipeline.main(["--stages", "sfft"])
 
 

@@ -1,0 +1,119 @@
+"""GRPO: group advantages, the clipped objective and its KL term by hand, sampled answers' targets,
+a gradient step that makes the rewarded answer likelier, and grpo.py end to end on a tiny model."""
+import json
+
+import pytest
+import torch
+
+import full_sft
+import grpo
+from model import IGNORE_INDEX
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+
+
+def test_advantages_are_relative_to_the_group_and_zero_when_it_agrees():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    a = grpo.group_advantages(rewards)
+    # group 0: mean 0.25, std (unbiased) 0.5 -> the right answer +1.5, the others -0.5
+    assert a[0].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-3)
+    assert torch.equal(a[1:], torch.zeros(2, 4))          # all right or all wrong: nothing to learn
+
+
+def test_the_ratio_is_clipped_for_a_positive_advantage_and_kl_is_zero_at_the_reference():
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 1.1, 0.5]])).requires_grad_()     # ratios 1.5, 1.1, 0.5
+    loss, kl = grpo.grpo_loss(logp, old, logp.detach(), torch.tensor([1.0]), mask, clip_eps=0.2, kl_coef=0.1)
+    assert kl.item() == pytest.approx(0.0)                                   # the policy is the reference
+    loss.backward()
+    # token 0 is past 1 + eps with A > 0: clipped, no gradient; tokens 1 and 2 are pushed up by their ratio / 3
+    assert logp.grad[0].tolist() == pytest.approx([0.0, -1.1 / 3, -0.5 / 3], abs=1e-6)
+    expected = -(1.2 + 1.1 + 0.5) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_kl_penalty_is_positive_away_from_the_reference_and_pulls_back():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.5]])
+    loss, kl = grpo.grpo_loss(logp, logp.detach(), ref, torch.tensor([0.0]), mask, clip_eps=0.2, kl_coef=1.0)
+    d = ref - logp.detach()
+    assert kl.item() == pytest.approx((torch.exp(d) - d - 1).mean().item()) and kl.item() > 0
+    loss.backward()
+    assert logp.grad[0, 0] > 0 and logp.grad[0, 1] < 0       # gradient descent moves each towards ref
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tiny_pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "sft"
+    full_sft.main(["--init_from", str(tiny_pretrained / "ckpt"), "--data", str(tiny_pretrained / "train.jsonl"),
+                   "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(out), "--max_steps", "3",
+                   "--eval_interval", "3", "--time_budget", "0", "--batch_size", "4", "--max_new_tokens", "2"])
+    return out
+
+
+def test_sampled_answers_are_learned_only_on_their_own_tokens_up_to_the_stop(tiny_sft):
+    model, _ = load_checkpoint(tiny_sft)
+    tokenizer = load_checkpoint_tokenizer(tiny_sft)
+    record = {"conversations": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "x"}]}
+    examples, answers = grpo.sample_groups(model, tokenizer, [record, record], 3, 6, 1.0,
+                                           torch.Generator().manual_seed(0))
+    assert len(examples) == len(answers) == 6
+    for (x, y), answer in zip(examples, answers):
+        learned = y[y != IGNORE_INDEX].tolist()
+        assert 1 <= len(learned) <= 6 and y[-1] != IGNORE_INDEX               # the answer, at the end
+        assert torch.equal(x[1:], y[:-1].where(y[:-1] != IGNORE_INDEX, x[1:]))  # y is x shifted by one
+        assert tokenizer.decode([t for t in learned if t != tokenizer.im_end_id]) == answer
+        assert tokenizer.im_end_id not in learned[:-1]                        # nothing after the stop token
+
+
+def test_one_step_makes_the_rewarded_answer_likelier_and_the_other_less_likely(tiny_sft):
+    model, _ = load_checkpoint(tiny_sft)
+    tokenizer = load_checkpoint_tokenizer(tiny_sft)
+    record = {"conversations": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "x"}]}
+    examples, _ = grpo.sample_groups(model, tokenizer, [record], 8, 6, 1.0, torch.Generator().manual_seed(1))
+    first = examples[0][1][examples[0][1] != IGNORE_INDEX].tolist()
+    other = next(i for i, (_, y) in enumerate(examples) if y[y != IGNORE_INDEX].tolist() != first)
+    good, bad = examples[0], examples[other]
+    from data.chat_data import collate
+    x, y = collate([good, bad], tokenizer.eot_id)
+    mask = y != IGNORE_INDEX
+
+    def answer_logprobs():
+        with torch.no_grad():
+            return (grpo.token_logprobs(model, x, y) * mask).sum(dim=1)
+
+    before = answer_logprobs()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    logp = grpo.token_logprobs(model, x, y)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask, 0.2, 0.0)
+    loss.backward()
+    optimizer.step()
+    after = answer_logprobs()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_grpo_runs_end_to_end_and_reports_the_held_out_accuracy_per_family(tiny_sft, tiny_pretrained, tmp_path,
+                                                                          monkeypatch):
+    # the tiny model is never right; a checker that likes answers of even length rewards some samples of a group
+    monkeypatch.setattr(grpo, "is_right", lambda answer, record: len(answer) % 2 == 0)
+    out = tmp_path / "grpo"
+    args = ["--init_from", str(tiny_sft), "--data", str(tiny_pretrained / "train.jsonl"),
+            "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(out), "--max_steps", "3",
+            "--eval_interval", "3", "--batch_size", "2", "--group_size", "3", "--max_new_tokens", "3",
+            "--check_items", "4", "--updates", "2"]
+    grpo.main(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    sft = json.loads((tiny_sft / "metrics.json").read_text())
+    assert set(metrics["accuracy_by_family"]) == set(sft["accuracy_by_family"])    # the same held-out set
+    assert metrics["accuracy_before"] == pytest.approx(sft["accuracy"])            # ... and the same scorer
+    assert metrics["steps"] == 3 and 0 < metrics["mean_reward_first"] < 1
+    rows = (out / "grpo.csv").read_text().splitlines()
+    # one row per batch of samples: steps 1 and 3 sampled, step 2 (--updates 2) reused step 1's samples
+    assert rows[0].split(",") == ["step", "reward", "answer_tokens", "kl", "groups_learning"] and len(rows) == 3
+    assert (out / "grpo.png").stat().st_size > 0
+    trained, _ = load_checkpoint(out)
+    start, _ = load_checkpoint(tiny_sft)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
+    with pytest.raises(ValueError, match="group needs at least 2"):
+        grpo.main(args + ["--group_size", "1", "--overwrite"])
