@@ -1,0 +1,60 @@
+"""The verifier (reward model): scores read at the answer's last token, a Bradley-Terry step that ranks
+the chosen answer higher, and verifier.py end to end with best-of-k."""
+import json
+
+import torch
+import torch.nn.functional as F
+
+import scoring
+import verifier
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+
+
+def test_a_score_reads_the_answers_last_token_and_padding_after_it_changes_nothing(tiny_pretrained):
+    backbone, _ = load_checkpoint(tiny_pretrained / "ckpt")
+    model = verifier.RewardModel(backbone)
+    torch.nn.init.normal_(model.value_head.weight)
+    short, long = [5, 6, 7], [5, 6, 7, 8, 9, 10]
+    ids, last = verifier.batch_of([short, long], pad_id=0, device="cpu")
+    assert ids.shape == (2, 6) and last.tolist() == [2, 5]
+    together = model(ids, last)
+    alone = model(torch.tensor([short]), torch.tensor([2]))
+    assert torch.allclose(together[0], alone[0], atol=1e-5)      # causal: the padding comes after, unseen
+
+
+def test_a_bradley_terry_step_scores_the_chosen_answer_above_the_rejected(tiny_pretrained):
+    backbone, _ = load_checkpoint(tiny_pretrained / "ckpt")
+    model = verifier.RewardModel(backbone)
+    chosen, rejected = verifier.batch_of([[5, 6, 7]], 0, "cpu"), verifier.batch_of([[5, 6, 9, 9]], 0, "cpu")
+    assert model(*chosen).item() == model(*rejected).item() == 0.0        # a zero head: no preference yet
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = -F.logsigmoid(model(*chosen) - model(*rejected)).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model(*chosen).item() > model(*rejected).item()
+
+
+def test_verifier_trains_on_right_and_wrong_answers_and_picks_best_of_k(tiny_pretrained, tmp_path, monkeypatch):
+    # the tiny model is never right: a checker that likes answers of even length splits its samples
+    even = lambda answer, record: len(answer) % 2 == 0       # noqa: E731
+    monkeypatch.setattr(verifier, "is_right", even)
+    monkeypatch.setattr(scoring, "is_right", even)           # maj@k and pass@k on the same checker
+    monkeypatch.setattr(verifier, "DEFAULT_CHAT_DIR", tmp_path / "chat")
+    (tmp_path / "chat").mkdir()
+    for name in ("train", "eval"):
+        (tmp_path / "chat" / f"sft_{name}.jsonl").write_text((tiny_pretrained / f"{name}.jsonl").read_text())
+    out = tmp_path / "verifier"
+    verifier.main(["--init_from", str(tiny_pretrained / "ckpt"), "--out_dir", str(out), "--prompts", "30",
+                   "--eval_prompts", "8", "--samples", "4", "--max_new_tokens", "3", "--max_steps", "4",
+                   "--eval_interval", "2", "--batch_size", "4", "--best_of", "4"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pairs"] > 0 and 0 <= metrics["pair_accuracy"] <= 1
+    best = metrics["best_of"]
+    assert best["ks"] == [1, 2, 4] and all(0 <= best["best_of_k"][str(k)] <= 1 for k in best["ks"])
+    assert best["best_of_k"]["4"] <= best["pass_at_k"]["4"]    # of all 4 samples, no pick beats "one is right"
+    reward_model, tokenizer = verifier.load_verifier(out)
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    assert len(verifier.score_answers(reward_model, tokenizer, conversation, ["a", "bb", "ccc"])) == 3
+    assert load_checkpoint_tokenizer(out).encode("hello") == tokenizer.encode("hello")

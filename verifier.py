@@ -1,0 +1,254 @@
+"""
+verifier.py -- a reward model: one number for how good an answer is, learned from pairs of a better and a worse one.
+
+    python verifier.py                          # weight/sft + its own sampled answers -> weight/verifier/
+    python verifier.py --best_of 16             # then best-of-k for k = 1 ... 16 on the held-out tasks
+
+The chat tasks have a checker, so here the pairs come for free: the SFT model answers each
+training prompt several times (temperature 1), the checker marks the answers right or wrong,
+and every (right, wrong) pair of answers to one prompt is a pair (chosen, rejected). They are
+the model's own answers, the ones best-of-N will have to rank. On tasks no checker can score,
+the pairs would come from people (or a stronger model) choosing, as for dpo.py's --data.
+
+The network: the SFT transformer with a value head, one linear layer C -> 1, read at the
+answer's last token (its <|im_end|>, which has seen the prompt and the whole answer):
+
+    r(prompt, answer) = w . h_last + b
+    loss = -log sigmoid(r(chosen) - r(rejected))            (Bradley-Terry)
+
+so the model learns to score the chosen answer above the rejected one; held-out pair
+accuracy (r(chosen) > r(rejected), on answers to held-out prompts) says how often it does.
+After training it picks best-of-k on the held-out chat tasks: of k sampled answers, the one
+it scores highest is the answer; beside it, the same samples' majority vote (maj@k) and
+whether any of them is right (pass@k, the ceiling of any picker). A verifier could also be
+the reward of grpo.py where no checker can score.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from atomic import atomic_path
+from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, read_conversations
+from flags import arg, main_guard, parse_config
+from runtime import finish, setup_runtime
+from scoring import is_right, sampled_answers, scaling_report
+from tokenizer.chat import render_chat
+from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, save_checkpoint
+
+HEAD_FILE = "value_head.pt"
+
+
+class RewardModel(nn.Module):
+    """A transformer (model.GPT) and a value head: (ids (B, T), last (B,) index of each answer's
+    last token) -> scores (B,)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config                  # what the training loop reads (MoE, sizes)
+        self.value_head = nn.Linear(backbone.config.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)         # every answer starts at score 0: no preference yet
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        hidden = {}
+        # the hidden states after the final norm, (B, T, C), taken on their way to the output head
+        hook = self.backbone.final_norm.register_forward_hook(lambda module, inputs, out: hidden.update(h=out))
+        try:
+            self.backbone(ids)
+        finally:
+            hook.remove()
+        h_last = hidden["h"][torch.arange(ids.shape[0], device=ids.device), last]     # (B, C)
+        return self.value_head(h_last).squeeze(-1)                                    # (B,)
+
+
+def encode(conversation: list[dict], tokenizer) -> list[int]:
+    """A whole conversation (prompt and answer) as ids, ending with the answer's <|im_end|>."""
+    ids, _ = render_chat(conversation, tokenizer)
+    while ids and ids[-1] != tokenizer.im_end_id:     # the template may add a newline after <|im_end|>
+        ids = ids[:-1]
+    return ids
+
+
+def batch_of(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T) and the index of each row's last real token (B,)."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], device=device)
+    return ids, torch.tensor([len(s) - 1 for s in sequences], device=device)
+
+
+def own_answer_pairs(model, tokenizer, records: list[dict], samples: int, max_new_tokens: int, seed: int,
+                     per_prompt: int = 2) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) pairs: the model's sampled answers to each prompt, a right one against a
+    wrong one (at most per_prompt pairs per prompt; prompts answered all right or all wrong give none)."""
+    rng = random.Random(seed)
+    answers = sampled_answers(model, tokenizer, [r["conversations"] for r in records], samples, max_new_tokens,
+                              temperature=1.0, seed=seed)
+    pairs = []
+    for record, group in zip(records, answers):
+        right = sorted({a for a in group if is_right(a, record)})
+        wrong = sorted({a for a in group if not is_right(a, record)})
+        for _ in range(min(per_prompt, len(right) * len(wrong))):
+            chosen, rejected = rng.choice(right), rng.choice(wrong)
+            prompt = record["conversations"][:-1]
+            pairs.append(tuple(encode(prompt + [{"role": "assistant", "content": a}], tokenizer)
+                               for a in (chosen, rejected)))
+    return [p for p in pairs if max(len(p[0]), len(p[1])) <= model.config.block_size]
+
+
+def save_verifier(out_dir: Path, reward_model: RewardModel, meta: dict, tokenizer=None):
+    """The backbone as a checkpoint folder (model.pt, config.json, tokenizer.json) and the value head beside it."""
+    save_checkpoint(out_dir, reward_model.backbone, meta, tokenizer)
+    with atomic_path(Path(out_dir) / HEAD_FILE) as tmp:
+        torch.save(reward_model.value_head.state_dict(), tmp)
+
+
+def load_verifier(folder: str | Path, device="cpu") -> tuple[RewardModel, object]:
+    """(RewardModel, tokenizer) from a folder verifier.py wrote."""
+    if not (Path(folder) / HEAD_FILE).exists():
+        raise FileNotFoundError(f"{folder}/{HEAD_FILE} not found: {folder} is not a verifier; make one with "
+                                f"python verifier.py --out_dir {folder}")
+    backbone, _ = load_checkpoint(folder, device)
+    reward_model = RewardModel(backbone).to(device)
+    reward_model.value_head.load_state_dict(torch.load(Path(folder) / HEAD_FILE, map_location=device,
+                                                       weights_only=True))
+    return reward_model.eval(), load_checkpoint_tokenizer(folder)
+
+
+@torch.no_grad()
+def score_answers(reward_model: RewardModel, tokenizer, conversation: list[dict], answers: list[str]) -> list[float]:
+    """The verifier's score of each answer to one conversation (its last assistant message left out)."""
+    device = next(reward_model.parameters()).device
+    sequences = [encode(conversation[:-1] + [{"role": "assistant", "content": a}], tokenizer) for a in answers]
+    return reward_model(*batch_of(sequences, tokenizer.eot_id, device)).tolist()
+
+
+def pair_accuracy(reward_model, pairs, pad_id: int, device, batch_size: int = 64) -> tuple[float, float]:
+    """(Bradley-Terry loss, share of pairs scored chosen > rejected) over pairs."""
+    losses, right = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            chosen = reward_model(*batch_of([c for c, _ in chunk], pad_id, device))
+            rejected = reward_model(*batch_of([r for _, r in chunk], pad_id, device))
+            losses.append(-F.logsigmoid(chosen - rejected))
+            right.append(chosen > rejected)
+    return torch.cat(losses).mean().item(), torch.cat(right).float().mean().item()
+
+
+def best_of_k(reward_model, tokenizer, records: list[dict], n: int, max_new_tokens: int, seed: int = 0,
+              orders: int = 16) -> dict:
+    """n sampled answers per held-out record; for k = 1, 2, 4, ... n: best-of-k (the verifier's top-scored of k
+    samples is right), maj@k and pass@k on the same samples, each averaged over `orders` random draws of k."""
+    backbone = reward_model.backbone
+    samples = sampled_answers(backbone, tokenizer, [r["conversations"] for r in records], n, max_new_tokens,
+                              temperature=1.0, seed=seed)
+    scores = [score_answers(reward_model, tokenizer, r["conversations"], answers) for r, answers in zip(records, samples)]
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
+    rng = random.Random(seed)
+    best = {k: 0.0 for k in ks}
+    for record, answers, score in zip(records, samples, scores):
+        for k in ks:
+            for _ in range(orders):
+                drawn = rng.sample(range(n), k)
+                best[k] += is_right(answers[max(drawn, key=lambda i: score[i])], record) / (orders * len(records))
+    report = scaling_report(records, samples, ks, orders, seed)
+    print("held-out tasks, k sampled answers (temperature 1):")
+    for k in ks:
+        print(f"  k={k:<3} best-of-k (verifier) {best[k]:6.1%}   maj@k {report['maj_at_k'][k]:6.1%}   "
+              f"pass@k {report['pass_at_k'][k]:6.1%}")
+    return {"ks": ks, "best_of_k": best, "maj_at_k": report["maj_at_k"], "pass_at_k": report["pass_at_k"]}
+
+
+@dataclass
+class VerifierConfig(TrainConfig):
+    samples: int = arg(8, "answers sampled per prompt to make pairs")
+    prompts: int = arg(1200, "training prompts answered (each gives up to 2 pairs)")
+    eval_prompts: int = arg(400, "held-out prompts answered for the held-out pairs")
+    max_new_tokens: int = arg(32, "longest sampled answer")
+    best_of: int = arg(8, "after training: best-of-k on the held-out tasks for k = 1, 2, 4, ... this (0 = skip)")
+    # the shared training flags, with this stage's defaults
+    init_from: str = "weight/sft"
+    out_dir: str = "weight/verifier"
+    max_steps: int = 150
+    batch_size: int = 16             # pairs per step
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    eval_interval: int = 50
+
+
+def main(argv=None):
+    started = time.time()
+    cfg = resumed_flags(parse_config(VerifierConfig, __doc__.split("\n\n")[0].strip(), argv), argv)
+    check_train_config(cfg)
+    rt = setup_runtime(cfg)
+    backbone, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
+    if backbone.config.n_encoder_layer:
+        raise ValueError(f"{cfg.init_from} is an encoder-decoder model: the verifier reads one decoder-only sequence")
+    tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+
+    # 1. pairs: the SFT model's own answers, right against wrong (held-out pairs from held-out prompts)
+    build_default_chat_data(DEFAULT_CHAT_DIR, verbose=rt.is_main)
+    rng = random.Random(cfg.seed)
+    train_records = rng.sample(list(read_conversations(DEFAULT_CHAT_DIR / "sft_train.jsonl")), cfg.prompts)
+    eval_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_eval.jsonl"))[:cfg.eval_prompts]
+    backbone.eval()
+    train = own_answer_pairs(backbone, tokenizer, train_records, cfg.samples, cfg.max_new_tokens, cfg.seed)
+    held_out = own_answer_pairs(backbone, tokenizer, eval_records, cfg.samples, cfg.max_new_tokens, cfg.seed + 1)
+    if not train or not held_out:
+        raise ValueError(f"{cfg.init_from}: its sampled answers are all right or all wrong, so there is no "
+                         f"(right, wrong) pair to learn from; start from a model that is right part of the time")
+    if rt.is_main:
+        print(f"verifier: {len(train):,} training pairs from {len(train_records):,} prompts x {cfg.samples} samples, "
+              f"{len(held_out):,} held-out pairs")
+
+    # 2. train: Bradley-Terry on batches of pairs
+    reward_model = RewardModel(backbone).to(rt.device)
+    pad_id = tokenizer.eot_id
+
+    def next_batch(generator):
+        rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
+        chosen, chosen_last = batch_of([train[i][0] for i in rows], pad_id, "cpu")
+        rejected, rejected_last = batch_of([train[i][1] for i in rows], pad_id, "cpu")
+        return chosen, chosen_last, rejected, rejected_last
+
+    def compute_loss(model, batch):
+        chosen, chosen_last, rejected, rejected_last = batch
+        return -F.logsigmoid(model(chosen, chosen_last) - model(rejected, rejected_last)).mean()
+
+    def evaluate(model, max_tokens):
+        loss, accuracy = pair_accuracy(model, held_out, pad_id, rt.device)
+        return {"val_loss": loss, "pair_accuracy": accuracy}
+
+    meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from}
+    reward_model.train()
+    result = run_training(reward_model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="verifier",
+                          compute_loss=compute_loss, save_weights=save_verifier)
+
+    # 3. the kept verifier on the held-out pairs
+    if rt.is_main:
+        best, _ = load_verifier(cfg.out_dir, rt.device)
+        loss, accuracy = pair_accuracy(best, held_out, pad_id, rt.device)
+        metrics = {"pair_accuracy": accuracy, "val_loss": loss, "pairs": len(train), "held_out_pairs": len(held_out),
+                   "steps": result["step"], "seconds": round(result["seconds"], 1),
+                   "wall_seconds": round(time.time() - started, 1)}
+        if cfg.best_of:
+            metrics["best_of"] = best_of_k(best, tokenizer, eval_records, cfg.best_of, cfg.max_new_tokens, cfg.seed)
+        write_metrics(Path(cfg.out_dir), metrics)
+        print(f"verifier: held-out pair accuracy {accuracy:.1%} ({len(held_out)} pairs of the model's own right and "
+              f"wrong answers) -> {cfg.out_dir}/")
+    finish(rt)
+
+
+if __name__ == "__main__":
+    main_guard(main)
