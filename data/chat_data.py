@@ -47,7 +47,7 @@ from model import IGNORE_INDEX
 from tokenizer.chat import check_messages, render_chat
 
 from .corpus_tasks import DEFAULT_DIR, speaker_records
-from .cot import build_cot_data
+from .cot import with_trace
 from .persona import persona_data
 from .pretrain_data import DataError, check_file_has_content
 
@@ -522,7 +522,11 @@ def build_cot_chat_data(out_dir: Path | None = None) -> tuple[Path, Path]:
     """The default chat tasks with worked answers for add, reverse and upper (data/cot.py), in out_dir
     (default data/default/cot/): train.jsonl and eval.jsonl, the same prompts and held-out set."""
     build_default_chat_data(DEFAULT_CHAT_DIR, verbose=False)
-    return build_cot_data(DEFAULT_CHAT_DIR, Path(out_dir or DEFAULT_DIR / "cot"))
+    out_dir = Path(out_dir or DEFAULT_DIR / "cot")
+    paths = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    for source, path in zip(("sft_train.jsonl", "sft_eval.jsonl"), paths):
+        write_jsonl(path, [with_trace(r) for r in read_conversations(DEFAULT_CHAT_DIR / source)])
+    return paths
 
 
 # --data NAME: a generated lesson, not a file

@@ -21,7 +21,6 @@ directly with SFT on direct answers.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 COT_FAMILIES = ("add", "reverse", "upper")
 MARKERS = {"en": "Answer: ", "zh": "答案："}
@@ -63,15 +62,6 @@ def with_trace(record: dict) -> dict:
         return {**record, "answer": answer}
     worked = trace(record["family"], messages[-2]["content"], answer, record.get("lang", "en"))
     return {**record, "conversations": messages[:-1] + [{"role": "assistant", "content": worked}], "answer": answer}
-
-
-def build_cot_data(chat_dir: Path, out_dir: Path) -> tuple[Path, Path]:
-    """chat_dir's sft_train.jsonl / sft_eval.jsonl with traces -> out_dir/train.jsonl, out_dir/eval.jsonl."""
-    from .chat_data import read_conversations, write_jsonl
-    paths = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    for source, path in zip(("sft_train.jsonl", "sft_eval.jsonl"), paths):
-        write_jsonl(path, [with_trace(r) for r in read_conversations(chat_dir / source)])
-    return paths
 
 
 def marked_answer(text: str) -> str:
