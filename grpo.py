@@ -10,8 +10,10 @@ score. The chat tasks can be checked exactly (the held-out scores of full_sft.py
 match), so the reward needs no reward model: 1 when the answer is right, else 0.
 
 GRPO (Shao et al., 2024, DeepSeekMath), step by step, for a batch of prompts:
-1. Sample a group of G answers to each prompt from the current model (temperature 1,
-   the KV-cache engine).
+1. Sample a group of G answers to each prompt from the current model (the KV-cache
+   engine) at a temperature below 1: a small model's distribution has a long tail of
+   nonsense that full-temperature samples keep hitting. The policy being trained is that
+   tempered distribution, pi = softmax(logits / T): the log-probs below use it too.
 2. Reward each answer r_i with the checker.
 3. Group-relative advantage: A_i = (r_i - mean(r)) / (std(r) + 1e-4) within its group. The
    group is its own baseline, so no value network is needed. A group whose answers all
@@ -88,10 +90,14 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards - mean) / (std + 1e-4)
 
 
-def token_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log p(y_t | x_<=t) for every position (B, T); 0 where y is IGNORE_INDEX."""
-    _, nll = model(x, targets=y, reduction="none")
-    return -nll
+def token_logprobs(model, x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(y_t | x_<=t) for every position (B, T) under the distribution the answers were sampled
+    from (the logits divided by the temperature); 0 where y is IGNORE_INDEX."""
+    logits, _ = model(x)                                                     # (B, T, V)
+    scored = y != IGNORE_INDEX                                               # (B, T): the answer tokens
+    logp = torch.log_softmax(logits[scored].float() / temperature, dim=-1)   # (N, V), N answer tokens
+    picked = logp.gather(-1, y[scored].unsqueeze(-1)).squeeze(-1)            # (N,)
+    return torch.zeros(y.shape, dtype=picked.dtype, device=y.device).masked_scatter(scored, picked)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, kl_coef: float):
@@ -195,15 +201,15 @@ def main(argv=None):
         x, y = collate([e for e, k in zip(examples, keep.tolist()) if k], tokenizer.eot_id)
         x, y, advantages = x.to(rt.device), y.to(rt.device), advantages[keep].to(rt.device)
         with torch.no_grad(), rt.autocast():
-            ref_logp = token_logprobs(reference, x, y)
+            ref_logp = token_logprobs(reference, x, y, cfg.temperature)
             # --updates 1: no copy needed, the loss uses the policy's own log-probs, detached (an empty tensor here)
-            old_logp = token_logprobs(model, x, y) if cfg.updates > 1 else torch.empty(0)
+            old_logp = token_logprobs(model, x, y, cfg.temperature) if cfg.updates > 1 else torch.empty(0)
         cached.update(batch=(x, y, advantages, ref_logp, old_logp), uses=1)
         return cached["batch"]
 
     def compute_loss(policy, batch):
         x, y, advantages, ref_logp, old_logp = batch
-        logp = token_logprobs(policy, x, y)
+        logp = token_logprobs(policy, x, y, cfg.temperature)
         old = old_logp if old_logp.numel() else logp.detach()                      # on-policy: ratio 1
         loss, kl = grpo_loss(logp, old, ref_logp, advantages, y != IGNORE_INDEX, cfg.clip_eps, cfg.kl_coef)
         history[-1]["kl"] = kl.item()

@@ -1,7 +1,7 @@
 """
 pipeline.py -- the whole workshop in one command: tokenizer -> pretrain -> SFT -> LoRA -> DPO -> evaluation.
 
-    python pipeline.py                      # every stage with its defaults (~12 min on 2 CPU cores)
+    python pipeline.py                      # every stage with its defaults (~22 min on 2 CPU cores in float32)
     python pipeline.py --overwrite          # retrain every stage, even those already done
     python pipeline.py --stages sft lora    # only some stages (the ones before must be done)
 
