@@ -437,17 +437,18 @@ class Engine:
             raise ValueError(f"prompt is {len(ids)} tokens, the model's context is {self.context}: shorten it")
         return ids
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """A conversation -> ids ending with the assistant's header, ready for the answer."""
-        ids, _ = render_chat(messages, self.tokenizer, add_generation_prompt=True, where="messages")
+    def chat_ids(self, messages: list[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        """A conversation -> ids ending with the assistant's header, ready for the answer.
+        tools: JSON schemas the model may call (offered in the system prompt, tokenizer/chat.py)."""
+        ids, _ = render_chat(messages, self.tokenizer, add_generation_prompt=True, where="messages", tools=tools)
         if self.room(len(ids)) < 1:
             raise ValueError(f"conversation is {len(ids)} tokens with the chat template, the model's context is "
                              f"{self.context}: shorten it or start a new conversation")
         return ids
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], tools: Sequence[dict] | None = None) -> list[int]:
         """ids for a conversation: the template for a chat model; a text model continues the last message."""
-        return self.chat_ids(messages) if self.chat else self.text_ids(messages[-1]["content"])
+        return self.chat_ids(messages, tools) if self.chat else self.text_ids(messages[-1]["content"])
 
     def generator(self, seed: int) -> torch.Generator:
         """A random number generator for sampling: seeded (reproducible) or not (seed < 0)."""

@@ -4,10 +4,10 @@ inside functions.
 
     stages (top-level scripts: pretrain.py, full_sft.py, lora.py, dpo.py, inference.py, serve.py,
             evaluation.py, pipeline.py, and any new one)
-      5  scoring.py
-      4  training.py, engine.py, weight/__main__.py
-      3  weight/checkpoint.py, optim.py
-      2  data/, weight/hf.py, weight/gguf.py, runtime.py, flags.py
+      5  scoring.py, agent.py
+      4  training.py, engine.py, weight/__main__.py, tools.py
+      3  weight/checkpoint.py, optim.py, memory.py
+      2  data/, weight/hf.py, weight/gguf.py, runtime.py, flags.py, retrieval.py
       1  tokenizer/
       0  model.py, atomic.py
 
@@ -124,10 +124,10 @@ def test_tokenizer_and_data_stay_below_the_training_code():
 LAYERS = {
     0: ["model.py", "atomic.py"],
     1: ["tokenizer/"],
-    2: ["data/", "weight/hf.py", "weight/gguf.py", "weight/__init__.py", "runtime.py", "flags.py"],
-    3: ["weight/checkpoint.py", "optim.py"],
-    4: ["training.py", "engine.py", "weight/__main__.py"],
-    5: ["scoring.py"],
+    2: ["data/", "weight/hf.py", "weight/gguf.py", "weight/__init__.py", "runtime.py", "flags.py", "retrieval.py"],
+    3: ["weight/checkpoint.py", "optim.py", "memory.py"],
+    4: ["training.py", "engine.py", "weight/__main__.py", "tools.py"],
+    5: ["scoring.py", "agent.py"],
 }
 
 
@@ -151,7 +151,8 @@ def test_every_shared_file_has_a_layer_and_imports_only_go_down():
                 f"{name(path)} (layer {layer_of(path)}) imports {name(target)} (layer {layer_of(target)}): imports go down"
 
 
-@pytest.mark.parametrize("user", ["inference.py", "serve.py", "evaluation.py", "engine.py", "weight/__main__.py"])
+@pytest.mark.parametrize("user", ["inference.py", "serve.py", "evaluation.py", "engine.py", "weight/__main__.py",
+                                  "agent.py"])
 def test_loading_a_model_to_chat_serve_evaluate_or_export_never_imports_the_training_loop(user):
     reached = {name(p) for p in closure(ROOT / user)}
     assert not reached & {"training.py", "optim.py"}, f"{user} reaches {sorted(reached & {'training.py', 'optim.py'})}"
