@@ -23,6 +23,28 @@ Limits (flags): a request body of at most --max_body_bytes (413 past it), at mos
 that hangs up, streaming or not, has its answer cancelled. An unexpected failure is a
 500 with a generic message; its traceback goes to the server's log, never to the client.
 
+Function calling (OpenAI's "tools"): a chat request may offer tools (JSON schemas); they go
+into the system prompt in the Qwen2.5/Hermes form (tokenizer/chat.py), and <tool_call> blocks
+in the answer come back as message.tool_calls with finish_reason "tool_calls" (streamed: the
+text before a call streams as content, each call arrives as a delta.tool_calls). The client
+runs the tool and sends the result as a {"role": "tool"} message. tool_choice "auto" (the
+default) lets the model choose, "none" offers no tools; forcing a call ("required", a named
+function) needs constrained decoding, which this server does not do: it answers 400.
+
+Retrieval (--docs FOLDER): the last user message of a chat gets the best passages of the
+folder (retrieval.py) with their sources; the answer's "sources" field lists them.
+
+Long-term memory (--memory FILE.db, memory.py): each chat question recalls the stored turns and
+notes that share its rare words (those not already in the request's messages) into the system
+prompt, the answer's "memories" field lists them, and the question and the final answer are
+stored. A request without a system message gets the stored persona. One file, one user: a
+personal server.
+
+Built-in tools (--tools calculator,search,memory): GET /v1/models lists their schemas and
+POST /v1/tools/call {"name", "arguments"} runs one ({"content": result text}); the web page
+offers them to the model and runs the agent loop itself, showing each call and result. (The
+chat endpoint stays OpenAI's: it returns calls, it never runs them.)
+
 Concurrency: one worker thread owns the model. Requests wait in a queue; whatever is
 waiting when the worker is free is generated together as one left-padded batch (those
 with the same sampling settings; a seeded request runs alone, so its seed reproduces).
@@ -53,7 +75,10 @@ from starlette.exceptions import HTTPException
 
 from engine import Delta, Engine, LoadConfig, SamplingParams
 from flags import arg, main_guard, parse_config
-from tokenizer.chat import check_messages
+from memory import Memory, system_with_memories
+from retrieval import Index, with_sources
+from tokenizer.chat import TOOL_CALL_OPEN, ToolCall, check_messages, parse_tool_calls
+from tools import BUILTIN, Toolbox, builtin_toolbox
 from weight.checkpoint import ROOT
 
 WEB_PAGE = ROOT / "web" / "index.html"
@@ -88,6 +113,13 @@ class ServeConfig(Limits, LoadConfig):
     port: int = arg(8000, "port to listen on")
     model_name: str = arg("", "the model id clients ask for ('' = the checkpoint folder's name)")
     max_batch: int = arg(16, "most requests generated together as one batch")
+    docs: str = arg("", "a folder of .txt/.md files: each chat question gets the best passages, cited")
+    docs_k: int = arg(3, "with --docs: how many passages")
+    tools: str = arg("", f"built-in tools offered at POST /v1/tools/call and on the web page ({', '.join(BUILTIN)}; "
+                         "search needs --docs, memory --memory)")
+    memory: str = arg("", "a SQLite memory file (inference.py --memory): old turns recalled into each chat, "
+                          "new ones stored; --tools memory reads and writes it too")
+    memory_k: int = arg(3, "with --memory: most remembered items put into a prompt")
 
 
 # ----------------------------------------------------------------------------------
@@ -252,10 +284,17 @@ class GenerationRequest(BaseModel):
 
 class ChatRequest(GenerationRequest):
     messages: list
+    tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
 
 
 class CompletionRequest(GenerationRequest):
     prompt: Union[str, list[str]]
+
+
+class ToolRunRequest(BaseModel):
+    name: str
+    arguments: dict = Field(default_factory=dict)
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
@@ -269,11 +308,90 @@ def text_of(content) -> str:
     return content
 
 
+def chat_message(message):
+    """An OpenAI message -> ours: "developer" is a system message, content parts become text, tool
+    calls and the tool role stay (anything else is left for check_messages to refuse)."""
+    if not isinstance(message, dict):
+        return message
+    role = message.get("role")
+    ours = {"role": "system" if role == "developer" else role, "content": text_of(message.get("content"))}
+    if message.get("tool_calls") is not None:
+        ours["tool_calls"] = message["tool_calls"]
+    return ours
+
+
+def offered_tools(request: "ChatRequest") -> Optional[list]:
+    """The tools to put in the prompt: None when there are none or tool_choice is "none";
+    a tools list that is not OpenAI's shape, or a tool_choice that would force a call, is a 400."""
+    choice = request.tool_choice
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, f"tool_choice {choice!r} is not supported: this server cannot force a tool call "
+                            f"(that needs constrained decoding); use \"auto\" or \"none\"", "tool_choice")
+    if not request.tools:
+        return None
+    for i, tool in enumerate(request.tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict) \
+                or not isinstance(tool["function"].get("name"), str):
+            raise ApiError(400, f'tools[{i}]: expected {{"type": "function", "function": {{"name": ..., '
+                                f'"parameters": {{...}}}}}}', f"tools[{i}]")
+    return None if choice == "none" else request.tools
+
+
+def tool_call_entries(calls) -> list[dict]:
+    """Parsed calls -> OpenAI's message.tool_calls (arguments as JSON text, fresh ids)."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
+
+
+def split_answer(text: str) -> tuple[Optional[str], list[dict]]:
+    """A whole answer -> (content, tool_calls). Only well-formed calls become tool_calls; if any block
+    is broken, the text is returned as it is (the client sees what the model wrote)."""
+    content, calls = parse_tool_calls(text)
+    if not calls or any(c.error for c in calls):
+        return text, []
+    return content or None, tool_call_entries(calls)
+
+
+class ToolCallStream:
+    """Streaming with tools: text is content until a <tool_call> begins; from there it is held, and
+    parsed into calls when the answer ends. Text that might be the start of "<tool_call>" waits
+    (like a stop string in engine.TextStream) until it is clearly not."""
+
+    def __init__(self):
+        self.pending, self.in_call = "", False
+
+    def push(self, text: str) -> str:
+        """Add generated text; return the content that is now safe to send."""
+        self.pending += text
+        if self.in_call:
+            return ""
+        at = self.pending.find(TOOL_CALL_OPEN)
+        if at >= 0:
+            self.in_call = True
+            out, self.pending = self.pending[:at], self.pending[at:]
+            return out
+        keep = max((n for n in range(1, len(TOOL_CALL_OPEN)) if self.pending.endswith(TOOL_CALL_OPEN[:n])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content still to send, tool calls) at the end of the answer."""
+        text, self.pending = self.pending, ""
+        if not self.in_call:
+            return text, []
+        content, calls = split_answer(text)
+        return (content or "", calls) if calls else (text, [])
+
+
 class Api:
     """The endpoints' logic, around one engine and one worker."""
 
-    def __init__(self, engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int, limits: Limits):
+    def __init__(self, engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int, limits: Limits,
+                 index: Optional[Index] = None, docs_k: int = 3, toolbox: Optional[Toolbox] = None,
+                 memory: Optional[Memory] = None, memory_k: int = 3):
         self.engine, self.defaults, self.model_name, self.limits = engine, defaults, model_name, limits
+        self.index, self.docs_k, self.toolbox = index, docs_k, toolbox or Toolbox()
+        self.memory, self.memory_k = memory, memory_k
         self.worker = BatchWorker(engine, max_batch)
 
     def check_model(self, request: GenerationRequest):
@@ -316,14 +434,14 @@ class Api:
             self.worker.submit(job)
         return jobs
 
-    def chat_ids(self, messages: list) -> list[int]:
+    def chat_ids(self, messages: list, tools: Optional[list] = None) -> list[int]:
         """A conversation, checked, -> prompt ids. Runs in a thread: a long text takes a while to tokenize."""
         try:
             check_messages(messages, where="messages")
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         try:
-            return self.engine.prompt_ids(messages)
+            return self.engine.prompt_ids(messages, tools)
         except ValueError as e:
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
 
@@ -339,31 +457,107 @@ class Api:
         return {"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": 0, "owned_by": "llm-workshop",
             # beyond OpenAI's fields, for the web page: what the model is and the server's defaults
-            "context_length": self.engine.context, "chat": self.engine.chat,
+            "context_length": self.engine.context, "chat": self.engine.chat, "docs": self.index is not None,
+            "memory": self.memory is not None,
+            "tools": self.toolbox.schemas(),
             "defaults": {**defaults, "max_tokens": min(self.defaults.max_new_tokens, self.engine.context)}}]}
+
+    async def run_tool(self, request: ToolRunRequest) -> dict:
+        """POST /v1/tools/call: run one built-in tool (in a thread: a search may take a moment); its
+        errors are its answer ("error: ..."), as the model would see them."""
+        if request.name not in self.toolbox.tools:
+            raise ApiError(404, f"no tool {request.name!r} on this server; it has {', '.join(self.toolbox.tools) or 'none'} "
+                                f"(--tools)", "name")
+        content = await asyncio.to_thread(self.toolbox.call, ToolCall(request.name, request.arguments))
+        return {"name": request.name, "content": content}
 
     # --- /v1/chat/completions ---------------------------------------------------------
 
+    def retrieve(self, messages: list) -> tuple[list, list[dict]]:
+        """With --docs: the last user message gets the passages found for it -> (messages, sources)."""
+        last = len(messages) - 1
+        if self.index is None or not isinstance(messages[last], dict) or messages[last].get("role") != "user" \
+                or not isinstance(messages[last].get("content"), str):
+            return messages, []
+        hits = self.index.search(messages[last]["content"], self.docs_k)
+        sources = [{"source": h.chunk.cite, "text": h.chunk.text, "score": round(h.score, 3)} for h in hits]
+        return messages[:last] + [{**messages[last], "content": with_sources(messages[last]["content"], hits)}], sources
+
+    def recall(self, messages: list) -> tuple[list, list[str]]:
+        """With --memory: the persona if there is no system message, and what is recalled for the last
+        user message (not already among the messages) added to the system prompt -> (messages, memories)."""
+        last = messages[-1] if messages else None
+        if self.memory is None or not isinstance(last, dict) or last.get("role") != "user" \
+                or not isinstance(last.get("content"), str):
+            return messages, []
+        shown = {f"{m['role']}: {m['content']}" for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)}
+        recalled = [r for r in self.memory.recall(last["content"], self.memory_k + len(shown)) if r.text not in shown]
+        recalled = recalled[:self.memory_k]
+        has_system = isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        system = system_with_memories(messages[0]["content"] if has_system else self.memory.persona, recalled)
+        if system:
+            messages = [{"role": "system", "content": system}] + messages[int(has_system):]
+        return messages, [r.text for r in recalled]
+
+    def prepare(self, messages: list, tools: Optional[list]) -> tuple[list[int], list[dict], list[str]]:
+        """Retrieval, memory, then the prompt ids (in a thread: searching and tokenizing take a while)."""
+        messages, sources = self.retrieve(messages) if messages else (messages, [])
+        messages, memories = self.recall(messages)
+        return self.chat_ids(messages, tools), sources, memories
+
+    def store(self, messages: list, answer: str):
+        """With --memory: keep the question and the final answer (not a turn that ends in tool calls)."""
+        last = messages[-1] if messages else None
+        if self.memory is not None and isinstance(last, dict) and last.get("role") == "user":
+            self.memory.add_turn("user", last["content"])
+            self.memory.add_turn("assistant", answer)
+
     async def chat(self, request: ChatRequest, http: Request):
         self.check_model(request)
-        messages = [{"role": "system" if m.get("role") == "developer" else m.get("role"),
-                     "content": text_of(m.get("content"))} if isinstance(m, dict) else m for m in request.messages]
+        messages = [chat_message(m) for m in request.messages]
+        tools = offered_tools(request)
+        if tools and not self.engine.chat:
+            raise ApiError(400, f"{self.model_name} is a text model (no chat template): it cannot be offered tools", "tools")
         params = self.sampling(request)
         # tokenizing in the event loop would stall every other client while a long prompt is encoded
-        ids = await asyncio.to_thread(self.chat_ids, messages)
+        ids, sources, memories = await asyncio.to_thread(self.prepare, messages, tools)
         [job] = self.submit([ids], params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
+        # beyond OpenAI's fields: what --docs found and what --memory recalled
+        extra = {**({"sources": sources} if self.index is not None else {}),
+                 **({"memories": memories} if self.memory is not None else {})}
         if request.stream:
             def chunk(delta: dict, finish_reason=None) -> dict:
                 return {**head, "object": "chat.completion.chunk",
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-            return sse_response(job, chunk({"role": "assistant", "content": ""}),
-                                lambda d: chunk({"content": d.text}), lambda d: chunk({}, d.finish_reason),
+            calls = ToolCallStream() if tools else None
+            said = []
+
+            def piece(d: Delta) -> list[dict]:
+                said.append(d.text)
+                text = calls.push(d.text) if calls else d.text
+                return [chunk({"content": text})] if text else []
+
+            def finish(d: Delta) -> list[dict]:      # (its text, if any, went through piece first)
+                rest, found = calls.finish() if calls else ("", [])
+                if not found:
+                    self.store(messages, "".join(said))
+                if not calls:
+                    return [chunk({}, d.finish_reason)]
+                out = [chunk({"content": rest})] if rest else []
+                out += [chunk({"tool_calls": [{"index": i, **call}]}) for i, call in enumerate(found)]
+                return out + [chunk({}, "tool_calls" if found else d.finish_reason)]
+            return sse_response(job, {**chunk({"role": "assistant", "content": ""}), **extra}, piece, finish,
                                 head, "chat.completion.chunk", include_usage(request))
         [(text, last)] = await answers([job], http)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": last.finish_reason}], "usage": usage(job, last)}
+        content, tool_calls = split_answer(text) if tools else (text, [])
+        if not tool_calls:
+            self.store(messages, text)
+        message = {"role": "assistant", "content": content, **({"tool_calls": tool_calls} if tool_calls else {})}
+        return {**head, "object": "chat.completion", **extra,
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": "tool_calls" if tool_calls else last.finish_reason}],
+                "usage": usage(job, last)}
 
     # --- /v1/completions ----------------------------------------------------------------
 
@@ -385,7 +579,7 @@ class Api:
         if request.stream:
             def chunk(text: str, finish_reason=None) -> dict:
                 return {**head, "object": "text_completion", "choices": [choice(0, text, finish_reason)]}
-            return sse_response(jobs[0], None, lambda d: chunk(d.text), lambda d: chunk("", d.finish_reason),
+            return sse_response(jobs[0], None, lambda d: [chunk(d.text)], lambda d: [chunk("", d.finish_reason)],
                                 head, "text_completion", include_usage(request))
         results = await answers(jobs, http)
         tokens = sum(last.tokens for _, last in results)
@@ -429,7 +623,8 @@ def include_usage(request: GenerationRequest) -> bool:
 
 def sse_response(job: Job, first: Optional[dict], piece, finish, head: dict, kind: str, with_usage: bool):
     """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`.
-    first: an opening chunk (chat sends the role); piece(delta) / finish(delta) build the others."""
+    first: an opening chunk (chat sends the role); piece(delta) / finish(delta) build the others
+    (a list each: with tools, a piece of text may be held back, and the end brings the calls)."""
 
     def event(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -440,9 +635,11 @@ def sse_response(job: Job, first: Optional[dict], piece, finish, head: dict, kin
         try:
             async for delta in deltas_of(job):
                 if delta.text:
-                    yield event(piece(delta))
+                    for chunk in piece(delta):
+                        yield event(chunk)
                 if delta.finish_reason:
-                    yield event(finish(delta))
+                    for chunk in finish(delta):
+                        yield event(chunk)
                     if with_usage:
                         yield event({**head, "object": kind, "choices": [], "usage": usage(job, delta)})
         except ApiError as e:
@@ -494,10 +691,13 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int = 16,
-               limits: Optional[Limits] = None) -> FastAPI:
-    """The FastAPI application: routes, error handlers, and a worker thread for the engine."""
+               limits: Optional[Limits] = None, index: Optional[Index] = None, docs_k: int = 3,
+               toolbox: Optional[Toolbox] = None, memory: Optional[Memory] = None, memory_k: int = 3) -> FastAPI:
+    """The FastAPI application: routes, error handlers, and a worker thread for the engine.
+    index: documents searched for every chat question (--docs); toolbox: tools run at /v1/tools/call;
+    memory: long-term memory recalled into and stored from every chat (--memory)."""
     limits = limits or Limits()
-    api = Api(engine, defaults, model_name, max_batch, limits)
+    api = Api(engine, defaults, model_name, max_batch, limits, index, docs_k, toolbox, memory, memory_k)
     app = FastAPI(title="LLM workshop", docs_url=None, redoc_url=None)   # the docs pages would need a CDN
     app.state.api = api
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -544,6 +744,10 @@ def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_ba
     async def completions(body: CompletionRequest, request: Request):
         return await api.complete(body, request)
 
+    @app.post("/v1/tools/call")
+    async def tool_call(body: ToolRunRequest):
+        return await api.run_tool(body)
+
     return app
 
 
@@ -589,10 +793,20 @@ def main(argv=None):
     if cfg.max_batch < 1:
         raise ValueError(f"--max_batch must be at least 1, got {cfg.max_batch}")
     cfg.check()
+    for name in ("docs_k", "memory_k"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    index = Index.from_folder(cfg.docs) if cfg.docs else None
+    memory = Memory(cfg.memory) if cfg.memory else None
+    toolbox = builtin_toolbox([t.strip() for t in cfg.tools.split(",") if t.strip()], index, memory)
     engine = Engine.load(cfg)
+    if (index is not None or memory is not None or len(toolbox)) and not engine.chat:
+        raise ValueError("--docs, --memory and --tools need a chat model (they go into the chat prompt): "
+                         "use a chat checkpoint")
     name = cfg.model_name or engine.name
     sock = open_socket(cfg.host, cfg.port)
-    app = create_app(engine, defaults, name, cfg.max_batch, limits=cfg)    # a ServeConfig is a Limits
+    app = create_app(engine, defaults, name, cfg.max_batch, limits=cfg, index=index, docs_k=cfg.docs_k,  # a ServeConfig
+                     toolbox=toolbox, memory=memory, memory_k=cfg.memory_k)                             # is a Limits
     if cfg.host not in LOOPBACK:
         print(f"warning: listening on {cfg.host}: anyone who can reach this machine can use the model")
     url = f"http://{'localhost' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{sock.getsockname()[1]}"

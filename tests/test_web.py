@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, LoadConfig, SamplingParams
+from engine import Delta, Engine, LoadConfig, SamplingParams
+from retrieval import Index
 from serve import create_app, running_server
+from tools import builtin_toolbox
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "bench" / "results" / "web_chat.png"        # git-ignored: look at it after a run
@@ -83,3 +85,42 @@ def test_the_page_streams_an_answer_and_starts_a_new_chat(url, browser):
 
     browser.find_element(By.ID, "new-chat").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".message") == []
+
+
+@pytest.fixture(scope="module")
+def tools_url(hello_ckpt, tmp_path_factory):
+    """A server with the calculator and documents, whose model is scripted: a calculator call, then an answer."""
+    engine = Engine.load(LoadConfig(ckpt=str(hello_ckpt), chat="on"))
+    docs = tmp_path_factory.mktemp("docs")
+    (docs / "zorbia.md").write_text("The capital of Zorbia is Quellin.\n", encoding="utf-8")
+    script = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>', "2+3 = 5."]
+    prompts = []
+
+    def stream(ids, params, *args, **kwargs):
+        prompts.append(engine.tokenizer.decode(ids[0]))
+        text = script.pop(0)
+        for n in range(0, len(text), 4):
+            yield Delta(0, text[n:n + 4], n // 4 + 1, "stop" if n + 4 >= len(text) else None)
+    # the tiny model's 48-token context holds no tool schema: the prompt is the messages as JSON, never run
+    engine.stream, engine.room = stream, lambda length: 10_000
+    engine.chat_ids = lambda messages, tools=None: engine.tokenizer.encode(json.dumps(messages, ensure_ascii=False))
+    app = create_app(engine, SamplingParams(), "scripted", toolbox=builtin_toolbox(["calculator"]),
+                     index=Index.from_folder(docs), docs_k=1)
+    with running_server(app) as base:
+        yield base, prompts
+
+
+def test_the_page_shows_a_tool_call_its_result_and_the_sources(tools_url, browser):
+    base, prompts = tools_url
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    assert "tools: calculator; documents" in browser.find_element(By.ID, "model-info").text
+    browser.find_element(By.ID, "input").send_keys("What is 2+3 in Zorbia?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.assistant .meta"))
+    assert browser.find_element(By.CSS_SELECTOR, ".message.tool").text == 'calculator({"expression": "2+3"})\n-> 5'
+    answer = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+    assert browser.execute_script("return arguments[0].firstChild.textContent", answer) == "2+3 = 5."
+    assert "[zorbia.md#0] The capital of Zorbia is Quellin." in answer.find_element(By.CLASS_NAME, "sources").text
+    assert '"role": "tool"' in prompts[1] and '"content": "5"' in prompts[1]    # the result went back to the model
