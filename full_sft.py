@@ -115,7 +115,6 @@ def main(argv=None):
     # the persona lesson also checks what the model knew: general questions, never trained on
     knowledge = cfg.data == "persona"
 
-
     # 3. accuracy before: what pretraining alone gives
     model.to(rt.device)
     if rt.is_main:

@@ -237,7 +237,6 @@ def main(argv=None):
               "replay: off (no SFT data of the base found; --replay_data names the old skills' training data)")
     collate = chat_collate(model.config, tokenizer)
 
-
     # 3. before: the base model on the new skill and on the old ones
     model.to(rt.device)
     if rt.is_main:
