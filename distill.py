@@ -86,10 +86,10 @@ def main(argv=None):
     student, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python pretrain.py")
     teacher, _ = load_checkpoint(cfg.teacher, rt.device, make_hint="python full_sft.py")
     teacher.eval().requires_grad_(False)
-    tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+    tokenizer, teacher_tokenizer = load_checkpoint_tokenizer(cfg.init_from), load_checkpoint_tokenizer(cfg.teacher)
     if student.config.n_encoder_layer or teacher.config.n_encoder_layer:
         raise ValueError("distill.py reads decoder-only models: fine-tune an encoder-decoder one with full_sft.py")
-    same_vocabulary = load_checkpoint_tokenizer(cfg.teacher).encode("a test of the two vocabularies, 你好") == \
+    same_vocabulary = teacher_tokenizer.encode("a test of the two vocabularies, 你好") == \
         tokenizer.encode("a test of the two vocabularies, 你好") and teacher.config.vocab_size == student.config.vocab_size
     if cfg.mode == "token" and not same_vocabulary:
         raise ValueError(f"{cfg.teacher} and {cfg.init_from} have different tokenizers: token-level distillation "
@@ -100,7 +100,7 @@ def main(argv=None):
     train_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_train.jsonl"))
     eval_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
     if cfg.mode == "sequence":
-        answers = greedy_answers(teacher, load_checkpoint_tokenizer(cfg.teacher),
+        answers = greedy_answers(teacher, teacher_tokenizer,
                                  [r["conversations"] for r in train_records], cfg.max_new_tokens)
         train_records = [{**r, "conversations": r["conversations"][:-1] + [{"role": "assistant", "content": a}]}
                          for r, a in zip(train_records, answers) if a]

@@ -43,4 +43,4 @@ def test_distill_trains_a_student_from_a_teacher_and_reports_it(tiny_pretrained,
     assert metrics["mode"] == mode and metrics["steps"] == 2
     assert set(metrics["accuracy_by_family"]) == set(json.loads((teacher / "metrics.json").read_text())["accuracy_by_family"])
     with pytest.raises(ValueError, match="alpha goes from 0 to 1"):
-        distill.main(["--teacher", str(teacher), "--alpha", "2"])
+        distill.main(["--teacher", str(teacher), "--alpha", "2", "--out_dir", str(tmp_path / "bad")])
