@@ -12,6 +12,8 @@ inference.py -- talk to a trained model.
     python inference.py --ckpt smollm2 --tools calculator # an agent: the model may call tools (agent.py, tools.py)
     python inference.py --ckpt smollm2 --memory me.db     # remembers across restarts; /remember, /forget (memory.py)
     python inference.py --ckpt smollm2 --mcp "python mcp_server.py --docs notes/"   # tools of any MCP server
+    python inference.py --ckpt weight/sft_cot --best_of 8 # self-consistency: 8 sampled answers, the majority wins
+    python inference.py --best_of 8 --verifier weight/verifier   # best-of-8: the verifier's favourite (verifier.py)
 
 Generation (engine.py, model.py): the prompt goes through the model once (prefill,
 filling a KV cache sized for prompt + answer), then one token per step, each step
@@ -29,6 +31,13 @@ each call and its result; --memory keeps every turn in a SQLite file, and the ol
 that no longer fit the context (and /remember'd notes) come back into the system prompt
 when a message shares their rare words. The system prompt is kept there too: the persona
 survives a restart.
+
+--best_of N (inference-time scaling): N answers are sampled together as one batch (temperature 0.7
+when --temperature is 0) and one is kept: with --verifier, the one the verifier scores highest;
+without, self-consistency (Wang et al. 2022): the first answer reaching the final answer most of
+them reach (the text after "Answer:" for a chain-of-thought model, data/cot.py). The REPL shows
+the kept answer and why. It buys accuracy with N times the compute: evaluation.py --samples and
+verifier.py --best_of measure how much.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from engine import Engine, LoadConfig, SamplingParams, unescape
 from flags import arg, main_guard, parse_config
 from memory import Memory, system_with_memories
 from retrieval import Index, with_sources
+from scoring import pick_best, score_answers, verifier_for
 from tokenizer.chat import check_messages
 from tools import BUILTIN, builtin_toolbox, mcp_tools
 
@@ -72,6 +82,9 @@ class InferenceConfig(LoadConfig):
     memory: str = arg("", "a SQLite file of long-term memory (made if missing): turns, /remember notes, persona")
     memory_k: int = arg(3, "with --memory: most remembered items put back into the prompt")
     mcp: str = arg("", "an MCP server command (e.g. \"python mcp_server.py\"): its tools join --tools' (stdio)")
+    best_of: int = arg(0, "sample N answers and keep one: the --verifier's favourite, or the majority's final "
+                          "answer (chat models; 0 = off)")
+    verifier: str = arg("", "with --best_of: a verifier folder (verifier.py) that scores the answers")
 
 
 # ----------------------------------------------------------------------------------
@@ -83,14 +96,15 @@ class Session:
 
     def __init__(self, engine: Engine, params: SamplingParams, system: str = "", stats: bool = False,
                  use_cache: bool = True, index: Index | None = None, toolbox=None, memory: Memory | None = None,
-                 docs_k: int = 3, memory_k: int = 3, max_tool_steps: int = 5, tool_schemas: bool = True):
+                 docs_k: int = 3, memory_k: int = 3, max_tool_steps: int = 5, tool_schemas: bool = True,
+                 best_of: int = 0, verifier=None):
         self.engine, self.params, self.system = engine, params, system
         self.stats, self.use_cache = stats, use_cache
         self.history: list[dict] = []               # user/assistant messages, oldest first
         self.rng = engine.generator(params.seed)
         self.index, self.toolbox, self.memory = index, toolbox, memory
         self.docs_k, self.memory_k, self.max_tool_steps = docs_k, memory_k, max_tool_steps
-        self.tool_schemas = tool_schemas
+        self.tool_schemas, self.best_of, self.verifier = tool_schemas, best_of, verifier
         self.sources: list = []                      # what retrieval found for the last question
         if (index or toolbox or memory) and not engine.chat:
             raise ValueError("--docs, --tools and --memory need a chat model: use a chat checkpoint, or --chat on")
@@ -142,6 +156,8 @@ class Session:
             print(f"[sources: {', '.join(h.chunk.cite for h in self.sources)}]")
         if self.toolbox:
             return self.agent_answer(text)
+        if self.best_of > 1 and self.engine.chat:
+            return self.best_of_answer(text, ids)
         if not self.engine.chat:
             print(text, end="", flush=True)          # the continuation follows the text it continues
         answer = ""
@@ -163,6 +179,21 @@ class Session:
         if self.memory is not None:
             self.memory.add_turn("user", user_text)
             self.memory.add_turn("assistant", answer)
+
+    def best_of_answer(self, text: str, ids: list[int]):
+        """Best of N: self.best_of answers sampled as one batch, one kept (scoring.pick_best: the
+        verifier's favourite, or the majority vote), shown and kept in the history with the reason."""
+        params = self.params if self.params.temperature > 0 else dataclasses.replace(self.params, temperature=0.7)
+        answers = [""] * self.best_of
+        for delta in self.engine.stream([ids] * self.best_of, params, generator=self.rng, use_cache=self.use_cache):
+            answers[delta.row] += delta.text
+        scores = score_answers(self.verifier, self.engine.tokenizer, self.prompt_messages(self.history, text),
+                               answers) if self.verifier is not None else None
+        kept, why = pick_best(answers, scores)
+        print(f"{answers[kept]}\n[best of {self.best_of} at temperature {params.temperature:g}: {why}]")
+        self.remember_turn(text, answers[kept])
+        if self.stats:
+            print(self.engine.stats.line())
 
     def agent_answer(self, text: str):
         """The agent loop (agent.py) on the conversation: tool calls and results are printed as they
@@ -409,6 +440,10 @@ def main(argv=None):
     params = SamplingParams.of(cfg)
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.best_of == 1 or cfg.best_of < 0 or (cfg.best_of and cfg.jsonl) or (cfg.verifier and not cfg.best_of):
+        raise ValueError(f"--best_of takes a number of samples, 2 or more, in the REPL or with --prompt (got "
+                         f"{cfg.best_of}{' with --jsonl' if cfg.jsonl else ''}), and --verifier goes with it; "
+                         f"evaluation.py --samples and verifier.py --best_of score them on a file")
     for name in ("docs_k", "max_tool_steps", "memory_k"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -421,13 +456,17 @@ def main(argv=None):
     if index is not None:
         print(f"[--docs {cfg.docs}: {len(index)} passages indexed]", file=sys.stderr)
     engine = Engine.load(cfg)
+    if cfg.best_of and not engine.chat:
+        raise ValueError("--best_of compares answers: it needs a chat model (a checkpoint made by full_sft.py, "
+                         "or --chat on)")
+    verifier = verifier_for(cfg.verifier, engine) if cfg.verifier else None
     with ExitStack() as stack:
         if cfg.mcp:                                  # the server runs while the session does
             for tool in stack.enter_context(mcp_tools(shlex.split(cfg.mcp))):
                 toolbox.add(tool)
             print(f"[--mcp: tools {', '.join(toolbox.tools)}]", file=sys.stderr)
         session = Session(engine, params, cfg.system, cfg.stats, cfg.kv_cache, index, toolbox if len(toolbox) else None,
-                          memory, cfg.docs_k, cfg.memory_k, cfg.max_tool_steps, cfg.tool_schemas)
+                          memory, cfg.docs_k, cfg.memory_k, cfg.max_tool_steps, cfg.tool_schemas, cfg.best_of, verifier)
         if cfg.jsonl:
             answer_jsonl(engine, cfg, params, index)
         elif cfg.prompt:

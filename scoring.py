@@ -9,6 +9,8 @@ on held-out answers.
     answer_loss_evaluator(examples, ...)            for the training loop: mean loss per answer token
     bootstrap_interval(values), centred(score, chance)   how sure a benchmark score is, and how far
                                                     above chance it lies (evaluation.py's benchmarks)
+    pick_best(answers, score_answers(verifier, ...))   best of N: the verifier's favourite, or (no
+                                                    scores) the majority vote
 
 An answer counts only if it equals the expected text exactly (spaces at the ends
 ignored). The answers come from the same batched engine as inference.py and serve.py.
@@ -18,15 +20,18 @@ evaluation.py is the command-line tool around them.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from data.cot import marked_answer
 from engine import Engine, SamplingParams
 from model import IGNORE_INDEX
 from tokenizer.chat import render_chat
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
 
 
 @torch.no_grad()
@@ -96,9 +101,11 @@ def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, la
 
 
 def before_and_after(before: dict, after: dict) -> dict:
-    """The task-accuracy keys of a chat stage's metrics.json, after training and before it."""
+    """The task-accuracy keys of a chat stage's metrics.json, after training and before it, with the
+    first answers of each family both times (the report card shows them side by side)."""
     return {"accuracy": after["accuracy"], "accuracy_by_family": after["accuracy_by_family"],
-            "accuracy_before": before["accuracy"], "accuracy_by_family_before": before["accuracy_by_family"]}
+            "accuracy_before": before["accuracy"], "accuracy_by_family_before": before["accuracy_by_family"],
+            "examples": after["examples"], "examples_before": before["examples"]}
 
 
 def answer_loss_evaluator(examples, batch_size: int, collate_fn, device):
@@ -198,3 +205,92 @@ def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, level: floa
 def centred(score: float, chance: float) -> float:
     """(score - chance) / (1 - chance): 0 for guessing, 1 for every answer right, below 0 worse than guessing."""
     return (score - chance) / (1 - chance)
+
+# ----------------------------------------------------------------------------------
+# Best of N: a verifier's scores pick the answer, or the answers vote (verifier.py trains the verifier;
+# inference.py --best_of and serve.py's best_of use it)
+
+HEAD_FILE = "value_head.pt"
+
+
+class RewardModel(nn.Module):
+    """A transformer (model.GPT) and a value head: (ids (B, T), last (B,) index of each answer's
+    last token) -> scores (B,)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config                  # what the training loop reads (MoE, sizes)
+        self.value_head = nn.Linear(backbone.config.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)         # every answer starts at score 0: no preference yet
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        hidden = {}
+        # the hidden states after the final norm, (B, T, C), taken on their way to the output head
+        hook = self.backbone.final_norm.register_forward_hook(lambda module, inputs, out: hidden.update(h=out))
+        try:
+            self.backbone(ids)
+        finally:
+            hook.remove()
+        h_last = hidden["h"][torch.arange(ids.shape[0], device=ids.device), last]     # (B, C)
+        return self.value_head(h_last).squeeze(-1)                                    # (B,)
+
+
+def answer_ids(conversation: list[dict], tokenizer) -> list[int]:
+    """A whole conversation (prompt and answer) as ids, ending with the answer's <|im_end|>."""
+    ids, _ = render_chat(conversation, tokenizer)
+    while ids and ids[-1] != tokenizer.im_end_id:     # the template may add a newline after <|im_end|>
+        ids = ids[:-1]
+    return ids
+
+
+def batch_of(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T) and the index of each row's last real token (B,)."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], device=device)
+    return ids, torch.tensor([len(s) - 1 for s in sequences], device=device)
+
+
+def load_verifier(folder: str | Path, device="cpu") -> tuple[RewardModel, object]:
+    """(RewardModel, tokenizer) from a folder verifier.py wrote."""
+    if not (Path(folder) / HEAD_FILE).exists():
+        raise FileNotFoundError(f"{folder}/{HEAD_FILE} not found: {folder} is not a verifier; make one with "
+                                f"python verifier.py --out_dir {folder}")
+    backbone, _ = load_checkpoint(folder, device)
+    reward_model = RewardModel(backbone).to(device)
+    reward_model.value_head.load_state_dict(torch.load(Path(folder) / HEAD_FILE, map_location=device,
+                                                       weights_only=True))
+    return reward_model.eval(), load_checkpoint_tokenizer(folder)
+
+
+def verifier_for(folder: str | Path, engine: Engine) -> RewardModel:
+    """load_verifier, checked against the model that will answer: the verifier must read its tokens."""
+    verifier, tokenizer = load_verifier(folder, engine.device)
+    probe = "a test of the two vocabularies, 你好"
+    if tokenizer.encode(probe) != engine.tokenizer.encode(probe) or verifier.config.vocab_size != engine.model.config.vocab_size:
+        raise ValueError(f"--verifier {folder} reads another tokenizer than the model {engine.name}: train it from "
+                         f"this model (python verifier.py --init_from <the model's folder>)")
+    return verifier
+
+
+@torch.no_grad()
+def score_answers(reward_model: RewardModel, tokenizer, prompt: list[dict], answers: list[str]) -> list[float]:
+    """The verifier's score of each answer to the prompt (the messages before the answer)."""
+    device = next(reward_model.parameters()).device
+    sequences = [answer_ids(prompt + [{"role": "assistant", "content": a}], tokenizer) for a in answers]
+    return reward_model(*batch_of(sequences, tokenizer.eot_id, device)).tolist()
+
+
+def pick_best(answers: list[str], scores: list[float] | None = None) -> tuple[int, str]:
+    """Best of N: (index of the answer to keep, a line saying why). With a verifier's scores the
+    highest-scored answer; without, self-consistency: the first answer reaching the final answer
+    (after "Answer:", data/cot.py) that most of the answers reach."""
+    if scores is not None:
+        best = max(range(len(answers)), key=lambda i: scores[i])
+        ranked = sorted(scores, reverse=True)
+        return best, "verifier scores " + ", ".join(f"{s:.2f}" for s in ranked[:4]) + (", ..." if len(ranked) > 4 else "")
+    finals = [marked_answer(a) for a in answers]
+    tally = Counter(finals).most_common()
+    return finals.index(majority_answer(answers)), "vote " + ", ".join(
+        f"{count} x {final!r}" for final, count in tally[:4]) + (", ..." if len(tally) > 4 else "")

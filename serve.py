@@ -40,6 +40,12 @@ prompt, the answer's "memories" field lists them, and the question and the final
 stored. A request without a system message gets the stored persona. One file, one user: a
 personal server.
 
+Best of N (inference-time scaling): a chat request with "best_of": N (OpenAI's name, from its
+completions API) has N answers sampled together and gets one back: with --verifier, the one
+the verifier (verifier.py) scores highest; without, the first answer reaching the final answer
+most of them reach (self-consistency). The response's "best_of" field shows every answer and why
+one was kept; usage counts all N. Not with streaming: the choice needs every answer finished.
+
 Built-in tools (--tools calculator,search,memory): GET /v1/models lists their schemas and
 POST /v1/tools/call {"name", "arguments"} runs one ({"content": result text}); the web page
 offers them to the model and runs the agent loop itself, showing each call and result. (The
@@ -77,6 +83,7 @@ from engine import Delta, Engine, LoadConfig, SamplingParams
 from flags import arg, main_guard, parse_config
 from memory import Memory, system_with_memories
 from retrieval import Index, with_sources
+from scoring import pick_best, score_answers, verifier_for
 from tokenizer.chat import TOOL_CALL_OPEN, ToolCall, check_messages, parse_tool_calls
 from tools import BUILTIN, Toolbox, builtin_toolbox
 from weight.checkpoint import ROOT
@@ -120,6 +127,8 @@ class ServeConfig(Limits, LoadConfig):
     memory: str = arg("", "a SQLite memory file (inference.py --memory): old turns recalled into each chat, "
                           "new ones stored; --tools memory reads and writes it too")
     memory_k: int = arg(3, "with --memory: most remembered items put into a prompt")
+    verifier: str = arg("", "a verifier folder (verifier.py): chat requests with best_of N keep the answer it "
+                            "scores highest (without one: the majority's final answer)")
 
 
 # ----------------------------------------------------------------------------------
@@ -278,6 +287,7 @@ class GenerationRequest(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)   # checked here: a seed torch refuses would fail later
     n: int = 1
+    best_of: Optional[int] = None                          # N answers sampled, one kept (chat; see the top)
     stream: bool = False
     stream_options: Optional[dict] = None
 
@@ -388,8 +398,9 @@ class Api:
 
     def __init__(self, engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int, limits: Limits,
                  index: Optional[Index] = None, docs_k: int = 3, toolbox: Optional[Toolbox] = None,
-                 memory: Optional[Memory] = None, memory_k: int = 3):
+                 memory: Optional[Memory] = None, memory_k: int = 3, verifier=None):
         self.engine, self.defaults, self.model_name, self.limits = engine, defaults, model_name, limits
+        self.verifier = verifier
         self.index, self.docs_k, self.toolbox = index, docs_k, toolbox or Toolbox()
         self.memory, self.memory_k = memory, memory_k
         self.worker = BatchWorker(engine, max_batch)
@@ -400,6 +411,12 @@ class Api:
                                 f"(GET /v1/models)", "model", "model_not_found")
         if request.n != 1:
             raise ApiError(400, f"n must be 1 (one answer per request), got {request.n}", "n")
+        if request.best_of is not None and not 1 <= request.best_of <= self.limits.max_prompts:
+            raise ApiError(400, f"best_of must be from 1 to {self.limits.max_prompts} (--max_prompts), got "
+                                f"{request.best_of}", "best_of")
+        if (request.best_of or 1) > 1 and request.stream:
+            raise ApiError(400, "best_of > 1 cannot stream (the answer is chosen once all of them are done): "
+                                "set stream to false", "best_of")
 
     def sampling(self, request: GenerationRequest) -> SamplingParams:
         """The request's settings over the server's defaults, checked."""
@@ -423,13 +440,15 @@ class Api:
         except ValueError as e:
             raise ApiError(400, str(e), str(e).split()[0]) from None
 
-    def submit(self, all_ids: list[list[int]], params: SamplingParams) -> list[Job]:
-        """Queue one job per prompt, all or none: a full queue answers 429 (the openai client retries)."""
+    def submit(self, all_ids: list[list[int]], params: SamplingParams, vary_seed: bool = False) -> list[Job]:
+        """Queue one job per prompt, all or none: a full queue answers 429 (the openai client retries).
+        vary_seed: samples of one prompt (best_of) get seeds seed, seed + 1, ... (one seed would repeat one answer)."""
         if self.worker.queued() + len(all_ids) > self.limits.max_waiting:
             raise ApiError(429, f"server busy, retry later ({self.limits.max_waiting} requests are waiting "
                                 f"for the model already)", code="server_busy", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        jobs = [Job(ids, params, min(params.max_new_tokens, self.engine.room(len(ids))), loop) for ids in all_ids]
+        jobs = [Job(ids, params.replace(seed=params.seed + i) if vary_seed and params.seed >= 0 else params,
+                    min(params.max_new_tokens, self.engine.room(len(ids))), loop) for i, ids in enumerate(all_ids)]
         for job in jobs:
             self.worker.submit(job)
         return jobs
@@ -521,7 +540,11 @@ class Api:
         params = self.sampling(request)
         # tokenizing in the event loop would stall every other client while a long prompt is encoded
         ids, sources, memories = await asyncio.to_thread(self.prepare, messages, tools)
-        [job] = self.submit([ids], params)
+        best_of = request.best_of or 1
+        if best_of > 1 and not self.engine.chat:
+            raise ApiError(400, f"{self.model_name} is a text model: best_of compares chat answers", "best_of")
+        jobs = self.submit([ids] * best_of, params, vary_seed=True)
+        job = jobs[0]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
         # beyond OpenAI's fields: what --docs found and what --memory recalled
         extra = {**({"sources": sources} if self.index is not None else {}),
@@ -549,7 +572,16 @@ class Api:
                 return out + [chunk({}, "tool_calls" if found else d.finish_reason)]
             return sse_response(job, {**chunk({"role": "assistant", "content": ""}), **extra}, piece, finish,
                                 head, "chat.completion.chunk", include_usage(request))
-        [(text, last)] = await answers([job], http)
+        results = await answers(jobs, http)
+        kept = 0
+        if best_of > 1:
+            texts = [text for text, _ in results]
+            scores = await asyncio.to_thread(score_answers, self.verifier, self.engine.tokenizer, messages, texts) \
+                if self.verifier is not None else None
+            kept, why = pick_best(texts, scores)
+            extra["best_of"] = {"n": best_of, "picked_by": "verifier" if scores else "vote", "why": why,
+                                "answers": texts, **({"scores": scores} if scores else {})}
+        text, last = results[kept]
         content, tool_calls = split_answer(text) if tools else (text, [])
         if not tool_calls:
             self.store(messages, text)
@@ -557,13 +589,18 @@ class Api:
         return {**head, "object": "chat.completion", **extra,
                 "choices": [{"index": 0, "message": message,
                              "finish_reason": "tool_calls" if tool_calls else last.finish_reason}],
-                "usage": usage(job, last)}
+                "usage": {**usage(job, last), **({"completion_tokens": sum(d.tokens for _, d in results),
+                                                  "total_tokens": len(job.ids) + sum(d.tokens for _, d in results)}
+                                                 if best_of > 1 else {})}}
 
     # --- /v1/completions ----------------------------------------------------------------
 
     async def complete(self, request: CompletionRequest, http: Request):
         self.check_model(request)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if (request.best_of or 1) > 1:
+            raise ApiError(400, "best_of picks among chat answers (a vote on final answers, or a verifier trained on "
+                                "chats): use /v1/chat/completions", "best_of")
         if not prompts or (request.stream and len(prompts) > 1):
             raise ApiError(400, "prompt must be one text (or a non-empty list of texts without streaming)", "prompt")
         if len(prompts) > self.limits.max_prompts:
@@ -692,12 +729,14 @@ class BodyLimit:
 
 def create_app(engine: Engine, defaults: SamplingParams, model_name: str, max_batch: int = 16,
                limits: Optional[Limits] = None, index: Optional[Index] = None, docs_k: int = 3,
-               toolbox: Optional[Toolbox] = None, memory: Optional[Memory] = None, memory_k: int = 3) -> FastAPI:
+               toolbox: Optional[Toolbox] = None, memory: Optional[Memory] = None, memory_k: int = 3,
+               verifier=None) -> FastAPI:
     """The FastAPI application: routes, error handlers, and a worker thread for the engine.
     index: documents searched for every chat question (--docs); toolbox: tools run at /v1/tools/call;
-    memory: long-term memory recalled into and stored from every chat (--memory)."""
+    memory: long-term memory recalled into and stored from every chat (--memory); verifier: scores
+    best_of answers (scoring.RewardModel, --verifier)."""
     limits = limits or Limits()
-    api = Api(engine, defaults, model_name, max_batch, limits, index, docs_k, toolbox, memory, memory_k)
+    api = Api(engine, defaults, model_name, max_batch, limits, index, docs_k, toolbox, memory, memory_k, verifier)
     app = FastAPI(title="LLM workshop", docs_url=None, redoc_url=None)   # the docs pages would need a CDN
     app.state.api = api
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -803,10 +842,11 @@ def main(argv=None):
     if (index is not None or memory is not None or len(toolbox)) and not engine.chat:
         raise ValueError("--docs, --memory and --tools need a chat model (they go into the chat prompt): "
                          "use a chat checkpoint")
+    verifier = verifier_for(cfg.verifier, engine) if cfg.verifier else None
     name = cfg.model_name or engine.name
     sock = open_socket(cfg.host, cfg.port)
     app = create_app(engine, defaults, name, cfg.max_batch, limits=cfg, index=index, docs_k=cfg.docs_k,  # a ServeConfig
-                     toolbox=toolbox, memory=memory, memory_k=cfg.memory_k)                             # is a Limits
+                     toolbox=toolbox, memory=memory, memory_k=cfg.memory_k, verifier=verifier)          # is a Limits
     if cfg.host not in LOOPBACK:
         print(f"warning: listening on {cfg.host}: anyone who can reach this machine can use the model")
     url = f"http://{'localhost' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{sock.getsockname()[1]}"

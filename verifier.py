@@ -10,8 +10,9 @@ and every (right, wrong) pair of answers to one prompt is a pair (chosen, reject
 the model's own answers, the ones best-of-N will have to rank. On tasks no checker can score,
 the pairs would come from people (or a stronger model) choosing, as for dpo.py's --data.
 
-The network: the SFT transformer with a value head, one linear layer C -> 1, read at the
-answer's last token (its <|im_end|>, which has seen the prompt and the whole answer):
+The network (scoring.RewardModel, beside the code that uses it at answer time: inference.py
+--best_of, serve.py's best_of): the SFT transformer with a value head, one linear layer C -> 1,
+read at the answer's last token (its <|im_end|>, which has seen the prompt and the whole answer):
 
     r(prompt, answer) = w . h_last + b
     loss = -log sigmoid(r(chosen) - r(rejected))            (Bradley-Terry)
@@ -32,59 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_path
 from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, read_conversations
 from flags import arg, main_guard, parse_config
 from runtime import finish, setup_runtime
-from scoring import is_right, sampled_answers, scaling_report
-from tokenizer.chat import render_chat
+from scoring import (HEAD_FILE, RewardModel, answer_ids, batch_of, is_right, load_verifier, sampled_answers,
+                     scaling_report, score_answers)
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
 from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, save_checkpoint
-
-HEAD_FILE = "value_head.pt"
-
-
-class RewardModel(nn.Module):
-    """A transformer (model.GPT) and a value head: (ids (B, T), last (B,) index of each answer's
-    last token) -> scores (B,)."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-        self.config = backbone.config                  # what the training loop reads (MoE, sizes)
-        self.value_head = nn.Linear(backbone.config.n_embd, 1)
-        nn.init.zeros_(self.value_head.weight)         # every answer starts at score 0: no preference yet
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        hidden = {}
-        # the hidden states after the final norm, (B, T, C), taken on their way to the output head
-        hook = self.backbone.final_norm.register_forward_hook(lambda module, inputs, out: hidden.update(h=out))
-        try:
-            self.backbone(ids)
-        finally:
-            hook.remove()
-        h_last = hidden["h"][torch.arange(ids.shape[0], device=ids.device), last]     # (B, C)
-        return self.value_head(h_last).squeeze(-1)                                    # (B,)
-
-
-def encode(conversation: list[dict], tokenizer) -> list[int]:
-    """A whole conversation (prompt and answer) as ids, ending with the answer's <|im_end|>."""
-    ids, _ = render_chat(conversation, tokenizer)
-    while ids and ids[-1] != tokenizer.im_end_id:     # the template may add a newline after <|im_end|>
-        ids = ids[:-1]
-    return ids
-
-
-def batch_of(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, T) and the index of each row's last real token (B,)."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], device=device)
-    return ids, torch.tensor([len(s) - 1 for s in sequences], device=device)
-
 
 def own_answer_pairs(model, tokenizer, records: list[dict], samples: int, max_new_tokens: int, seed: int,
                      per_prompt: int = 2) -> list[tuple[list[int], list[int]]]:
@@ -100,7 +58,7 @@ def own_answer_pairs(model, tokenizer, records: list[dict], samples: int, max_ne
         for _ in range(min(per_prompt, len(right) * len(wrong))):
             chosen, rejected = rng.choice(right), rng.choice(wrong)
             prompt = record["conversations"][:-1]
-            pairs.append(tuple(encode(prompt + [{"role": "assistant", "content": a}], tokenizer)
+            pairs.append(tuple(answer_ids(prompt + [{"role": "assistant", "content": a}], tokenizer)
                                for a in (chosen, rejected)))
     return [p for p in pairs if max(len(p[0]), len(p[1])) <= model.config.block_size]
 
@@ -110,26 +68,6 @@ def save_verifier(out_dir: Path, reward_model: RewardModel, meta: dict, tokenize
     save_checkpoint(out_dir, reward_model.backbone, meta, tokenizer)
     with atomic_path(Path(out_dir) / HEAD_FILE) as tmp:
         torch.save(reward_model.value_head.state_dict(), tmp)
-
-
-def load_verifier(folder: str | Path, device="cpu") -> tuple[RewardModel, object]:
-    """(RewardModel, tokenizer) from a folder verifier.py wrote."""
-    if not (Path(folder) / HEAD_FILE).exists():
-        raise FileNotFoundError(f"{folder}/{HEAD_FILE} not found: {folder} is not a verifier; make one with "
-                                f"python verifier.py --out_dir {folder}")
-    backbone, _ = load_checkpoint(folder, device)
-    reward_model = RewardModel(backbone).to(device)
-    reward_model.value_head.load_state_dict(torch.load(Path(folder) / HEAD_FILE, map_location=device,
-                                                       weights_only=True))
-    return reward_model.eval(), load_checkpoint_tokenizer(folder)
-
-
-@torch.no_grad()
-def score_answers(reward_model: RewardModel, tokenizer, conversation: list[dict], answers: list[str]) -> list[float]:
-    """The verifier's score of each answer to one conversation (its last assistant message left out)."""
-    device = next(reward_model.parameters()).device
-    sequences = [encode(conversation[:-1] + [{"role": "assistant", "content": a}], tokenizer) for a in answers]
-    return reward_model(*batch_of(sequences, tokenizer.eot_id, device)).tolist()
 
 
 def pair_accuracy(reward_model, pairs, pad_id: int, device, batch_size: int = 64) -> tuple[float, float]:
@@ -152,7 +90,7 @@ def best_of_k(reward_model, tokenizer, records: list[dict], n: int, max_new_toke
     backbone = reward_model.backbone
     samples = sampled_answers(backbone, tokenizer, [r["conversations"] for r in records], n, max_new_tokens,
                               temperature=1.0, seed=seed)
-    scores = [score_answers(reward_model, tokenizer, r["conversations"], answers) for r, answers in zip(records, samples)]
+    scores = [score_answers(reward_model, tokenizer, r["conversations"][:-1], answers) for r, answers in zip(records, samples)]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
     rng = random.Random(seed)
     best = {k: 0.0 for k in ks}

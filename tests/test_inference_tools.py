@@ -81,3 +81,54 @@ def test_bad_flags_are_one_clear_line_before_any_model_loads(flags, message):
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         inference.main(["--ckpt", "/no/such/ckpt", *flags])
     assert message in str(e.value)
+
+
+def test_best_of_keeps_the_final_answer_most_samples_reach(engine, monkeypatch, capsys):
+    """--best_of 4 without a verifier: four samples in one batch; two reach 42 (after "Answer:"), so 42 wins
+    and the first sample that reached it is shown and kept; greedy settings are raised to temperature 0.7."""
+    answers = ["7 * 6 = 41.\nAnswer: 41", "6 * 7 = 42.\nAnswer: 42", "Answer: 42", "Answer: 40"]
+    seen = {}
+
+    def stream(prompts, params, *args, **kwargs):
+        seen.update(rows=len(prompts), temperature=params.temperature)
+        for row, text in enumerate(answers):
+            yield Delta(row, text, 1, "stop")
+    monkeypatch.setattr(engine, "stream", stream)
+    session = Session(engine, SamplingParams.greedy(8), best_of=4)
+    session.answer("What is 6 * 7?")
+    out = capsys.readouterr().out
+    assert seen == {"rows": 4, "temperature": 0.7}
+    assert out.startswith("6 * 7 = 42.\nAnswer: 42\n[best of 4 at temperature 0.7: vote 2 x '42', 1 x '41', 1 x '40']")
+    assert session.history[-1] == {"role": "assistant", "content": "6 * 7 = 42.\nAnswer: 42"}
+
+
+def test_best_of_with_a_verifier_keeps_its_favourite(engine, monkeypatch, capsys):
+    """With a verifier, its highest score wins, whatever the vote says; it scores the answers to the prompt
+    the model saw (system prompt and history included)."""
+    from scoring import RewardModel
+    answers = ["Answer: 42", "Answer: 42", "Answer: 41"]
+
+    def stream(prompts, params, *args, **kwargs):
+        for row, text in enumerate(answers):
+            yield Delta(row, text, 1, "stop")
+    monkeypatch.setattr(engine, "stream", stream)
+    verifier = RewardModel(engine.model)
+    scored = []
+
+    def forward(ids, last):            # a stand-in value head: the answer's length in tokens, read from `last`
+        scored.append(ids.shape[0])
+        return last.float() * torch.tensor([1.0, 1.0, 2.0])
+    monkeypatch.setattr(verifier, "forward", forward)
+    session = Session(engine, SamplingParams.greedy(8), system="Be brief.", best_of=3, verifier=verifier)
+    session.answer("What is 6 * 7?")
+    out = capsys.readouterr().out
+    assert scored == [3] and out.startswith("Answer: 41\n[best of 3 at temperature 0.7: verifier scores")
+
+
+def test_best_of_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="--best_of takes a number of samples, 2 or more"):
+        inference.main(["--best_of", "1", "--prompt", "hi"])
+    with pytest.raises(ValueError, match="with --jsonl"):
+        inference.main(["--best_of", "4", "--jsonl"])
+    with pytest.raises(ValueError, match="--verifier goes with it"):
+        inference.main(["--verifier", "weight/verifier", "--prompt", "hi"])

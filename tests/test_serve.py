@@ -140,6 +140,40 @@ def test_a_seed_reproduces_a_sampled_answer_and_another_seed_changes_it(client):
     assert len({ask(seed) for seed in range(8)}) > 1
 
 
+def test_best_of_samples_n_answers_and_keeps_the_majoritys(client, server):
+    """best_of 4 at a high temperature: four different answers (a seed gives each its own: seed, seed + 1, ...),
+    one kept by the vote and returned as the message; the same seed repeats the whole choice; usage counts all four."""
+    def ask():
+        return client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=1.5, seed=7,
+                                              top_p=1.0, extra_body={"best_of": 4, "top_k": 0, "min_p": 0.0})
+    reply = ask()
+    best = reply.model_extra["best_of"]
+    assert best["n"] == 4 and best["picked_by"] == "vote" and best["why"].startswith("vote ")
+    assert len(set(best["answers"])) > 1                      # four seeds agreeing by chance: next to impossible
+    assert reply.choices[0].message.content in best["answers"]
+    assert 6 < reply.usage.completion_tokens <= 4 * 6           # more than one answer's worth: all four count
+    assert ask().model_extra["best_of"] == best
+    status, body = post(server[0] + "/v1/completions", dict(prompt="hello", best_of=2))
+    assert status == 400 and "/v1/chat/completions" in body["error"]["message"]
+
+
+def test_best_of_with_a_verifier_returns_its_favourite(hello_ckpt):
+    import torch
+
+    from scoring import RewardModel
+    engine = Engine.load(LoadConfig(ckpt=str(hello_ckpt), chat="on"))
+    verifier = RewardModel(Engine.load(LoadConfig(ckpt=str(hello_ckpt), chat="on")).model)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(verifier.value_head.weight)         # an untrained head still ranks: scores differ
+    with running_server(create_app(engine, SamplingParams(), MODEL, verifier=verifier)) as url:
+        status, reply = post(url + "/v1/chat/completions", dict(messages=HELLO, max_tokens=5, temperature=1.5, seed=3,
+                                                                top_k=0, min_p=0.0, best_of=3))
+    best = reply["best_of"]
+    assert status == 200 and best["picked_by"] == "verifier" and len(set(best["scores"])) == 3
+    kept = max(range(3), key=lambda i: best["scores"][i])
+    assert reply["choices"][0]["message"]["content"] == best["answers"][kept]
+
+
 def test_sixteen_concurrent_clients_each_get_their_own_complete_answer(server, client):
     prompts = ["hello", "你好", "world", "世界。", "h", "hello world", "你", ", 你好", "lo", "好世界",
                "o", "hello, 你好", "界", "world, 世界", "he", "llo"]
@@ -170,6 +204,9 @@ def test_sixteen_concurrent_clients_each_get_their_own_complete_answer(server, c
     (dict(messages=HELLO, temperature=-1), 400, "temperature", None),
     (dict(messages="hello"), 400, "messages", None),
     (b"{not json", 400, None, None),
+    (dict(messages=HELLO, best_of=0), 400, "best_of", None),
+    (dict(messages=HELLO, best_of=17), 400, "best_of", None),        # more than --max_prompts
+    (dict(messages=HELLO, best_of=2, stream=True), 400, "best_of", None),
 ])
 def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, payload, status, param, code):
     got_status, body = post(server[0] + "/v1/chat/completions", payload)
