@@ -272,7 +272,7 @@ def main(argv=None):
     meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from, "beta": cfg.beta}
     model.train()
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="dpo",
-                          compute_loss=compute_loss)
+                          compute_loss=compute_loss, log_columns=("preference_accuracy", "reward_margin"))
 
     # 4. after: the saved weights on held-out pairs and on the tasks
     if rt.is_main:

@@ -152,7 +152,7 @@ def main(argv=None):
         known_after = knowledge_check(answerer(best, tokenizer), "after SFT", cfg.max_new_tokens) \
             if knowledge else None
         metrics = {**before_and_after(before, after), "val_loss": result.get("val_loss"), "loss_on": cfg.loss_on,
-                   "examples": after["examples"], "tokens": result["tokens"],
+                   "tokens": result["tokens"],
                    "tokens_per_second": round(result["tokens_per_second"], 1), "seconds": round(result["seconds"], 1),
                    "wall_seconds": round(time.time() - started, 1), "steps": result["step"]}
         if knowledge:

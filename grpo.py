@@ -228,7 +228,7 @@ def main(argv=None):
     meta = {"tokenizer": ckpt_config.get("tokenizer"), "init_from": cfg.init_from}
     model.train()
     result = run_training(model, cfg, rt, next_batch, evaluate, meta, tokenizer, stage="grpo",
-                          compute_loss=compute_loss)
+                          compute_loss=compute_loss, log_columns=("train_accuracy", "heldout_accuracy"))
 
     # 5. after: the kept weights on the held-out set, and the curves
     if rt.is_main:
@@ -238,7 +238,7 @@ def main(argv=None):
         write_history(Path(cfg.out_dir), history, accuracy_log)
         rewards = [h["reward"] for h in history]
         tail = rewards[-max(1, len(rewards) // 5):]
-        metrics = {**before_and_after(before, after), "examples": after["examples"],
+        metrics = {**before_and_after(before, after),
                    "mean_reward_first": sum(rewards[:len(tail)]) / len(tail), "mean_reward_last": sum(tail) / len(tail),
                    "kl_last": history[-1]["kl"] if history else 0.0, "group_size": cfg.group_size,
                    "steps": result["step"], "seconds": round(result["seconds"], 1),

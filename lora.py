@@ -307,6 +307,7 @@ def main(argv=None):
                    "accuracy": (old_after or new_after)["accuracy"],   # the old skills: SFT's held-out set, comparable
                    "accuracy_by_family": {**(old_after or {}).get("accuracy_by_family", {}),
                                           **new_after["accuracy_by_family"]},
+                   "examples": new_after["examples"], "examples_before": new_before["examples"],
                    "trainable_params": trainable, "trainable_fraction": trainable / total,
                    "adapter_bytes": adapter_bytes, "adapter_fraction": adapter_bytes / max(model_bytes, 1),
                    "tokens": result["tokens"], "seconds": round(result["seconds"], 1),

@@ -34,12 +34,14 @@ import torch
 from tqdm import tqdm
 
 from atomic import atomic_write_text
+from data.corpus_tasks import DEFAULT_DIR
 from flags import arg, main_guard, parse_config
 from model import GPT, ModelConfig
 from optim import make_optimizer
+from report import write_report
 from runtime import resolve_device, resolve_dtype
 from training import TrainConfig
-from weight.checkpoint import ADAPTER_FILE, RESUME_FILE, ROOT, WEIGHTS_FILE
+from weight.checkpoint import ADAPTER_FILE, RESUME_FILE, ROOT, WEIGHTS_FILE, load_checkpoint_tokenizer
 
 # stage -> (command, output folder); each stage reads the previous stage's folder by default
 STAGES = {
@@ -176,8 +178,9 @@ def bpb(x) -> str:
     return "-" if x is None else f"{x:.3f}"      # no Chinese corpus installed: no Chinese bpb
 
 
-def summary_table(results: dict) -> str:
-    """Markdown tables: each stage's headline numbers with the targets, then accuracy per task family."""
+def summary_rows(results: dict) -> list[list[tuple]]:
+    """Each stage's headline numbers with the targets, then accuracy per task family: tables as rows
+    (the first row of each the header), printed as markdown and shown on the report card."""
     pre, sft, lora, dpo, grpo = (results.get(s, {}) for s in ("pretrain", "sft", "lora", "dpo", "grpo"))
     choice = results.get("choice", {})
     seconds = results.get("seconds", {})
@@ -218,7 +221,7 @@ def summary_table(results: dict) -> str:
     if choice:
         rows.append(("eval", "multiple choice per byte (chance " + pct(next(iter(choice.values()))["chance"]) + ")",
                      ", ".join(f"{k} {pct(v['accuracy_norm'])}" for k, v in choice.items()), "", "", wall("eval")))
-    lines = [markdown_table(rows)]
+    tables = [rows]
 
     # accuracy per task family for every checkpoint: where each stage gained or lost
     columns = [("pretrain", sft.get("accuracy_by_family_before")), ("sft", sft.get("accuracy_by_family")),
@@ -233,9 +236,16 @@ def summary_table(results: dict) -> str:
     if columns:
         rows = [("task family",) + tuple(name for name, _ in columns)]
         rows += [(f,) + tuple(pct(fam.get(f)) for _, fam in columns) for f in families]
-        lines.append(markdown_table(rows))
-    total = sum(seconds.values())
-    lines.append(f"pipeline wall time: {total / 60:.1f} min for the stages run now ({', '.join(seconds) or 'none'})")
+        tables.append(rows)
+    return tables
+
+
+def summary_table(results: dict) -> str:
+    """The summary tables in markdown, and the wall time of the stages run now."""
+    seconds = results.get("seconds", {})
+    lines = [markdown_table(rows) for rows in summary_rows(results)]
+    lines.append(f"pipeline wall time: {sum(seconds.values()) / 60:.1f} min for the stages run now "
+                 f"({', '.join(seconds) or 'none'})")
     return "\n\n".join(lines)
 
 
@@ -327,7 +337,21 @@ def main(argv=None):
     print("\n" + table)
     atomic_write_text(ROOT / "weight" / "pipeline.md", table + "\n")
     atomic_write_text(ROOT / "weight" / "pipeline.json", json.dumps(results, indent=2, ensure_ascii=False))
-    print("\n-> weight/pipeline.md, weight/pipeline.json")
+    report = write_report(ROOT / "weight" / "report.html", results, summary_rows(results), ROOT / "weight",
+                          cfg.device, cfg.dtype, *report_tokenizer())
+    print(f"\n-> weight/pipeline.md, weight/pipeline.json, {report.relative_to(ROOT)} (the report card: open it "
+          f"in a browser)")
+
+
+def report_tokenizer():
+    """The tokenizer the models were trained with, and the validation text of each language to measure it on."""
+    folder = ROOT / STAGES["pretrain"][1]
+    if not (folder / "tokenizer.json").exists():
+        return None, None
+    samples = {language: path.read_text(encoding="utf-8")[:200_000]
+               for language, path in (("English", DEFAULT_DIR / "en_val.txt"),
+                                      ("Chinese", DEFAULT_DIR / "zh_val.txt")) if path.exists()}
+    return load_checkpoint_tokenizer(folder), samples
 
 
 if __name__ == "__main__":

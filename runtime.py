@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 from dataclasses import dataclass
 
@@ -131,3 +132,22 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), or what platform knows elsewhere."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device: str = "auto", dtype: str = "auto") -> str:
+    """One line saying where a run ran: 'cpu, float32, 2 cores (AMD EPYC ...), torch 2.13.0'."""
+    where = resolve_device(device)
+    name = torch.cuda.get_device_name() if where.type == "cuda" else f"{os.cpu_count()} cores ({cpu_name()})"
+    precision = str(resolve_dtype(dtype, where)).replace("torch.", "")
+    return f"{where.type}, {precision}, {name}, torch {torch.__version__}"

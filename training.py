@@ -210,7 +210,8 @@ def check_train_config(cfg: TrainConfig):
 
 
 def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, evaluate: Callable, meta: dict,
-                 tokenizer, stage: str, compute_loss: Callable, save_weights: Callable = None) -> dict:
+                 tokenizer, stage: str, compute_loss: Callable, save_weights: Callable = None,
+                 log_columns: tuple = ()) -> dict:
     """Train `model` for cfg.max_steps optimizer steps (or cfg.time_budget seconds) and return the final metrics.
 
     next_batch(generator) -> a tuple of CPU tensors, the stage's batch: pretraining's (x, y), SFT's
@@ -223,7 +224,8 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
 
     Every eval_interval steps: evaluate, save the weights if val_loss is the best so far
     (model.pt; or save_weights(out_dir, model, meta, tokenizer), e.g. a LoRA adapter only),
-    and save everything needed to resume (resume.pt).
+    and save everything needed to resume (resume.pt). log.csv gets train and validation loss, and
+    the evaluation's own figures named in log_columns (DPO's preference accuracy, say).
     """
     save_weights = save_weights or save_checkpoint
     out_dir = Path(cfg.out_dir)
@@ -259,7 +261,7 @@ def run_training(model, cfg: TrainConfig, rt: Runtime, next_batch: Callable, eva
     n_experts = model.config.n_experts
     expert_columns = [f"expert_{e}" for e in range(n_experts)] + ["moe_aux_loss"] * bool(n_experts)
     log = CsvLog(out_dir / LOG_FILE, resume_step=state["step"] if cfg.resume else None,
-                 extra_columns=expert_columns) if rt.is_main else None
+                 extra_columns=list(log_columns) + expert_columns) if rt.is_main else None
 
     def eval_and_checkpoint(step: int):
         """Evaluate, keep the best weights, write a resumable state (main process writes)."""

@@ -5,10 +5,14 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project, for runtime.py
+from runtime import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,16 +29,6 @@ def machine_info(device: str, **extra) -> dict:
     except ImportError:
         info["transformers"] = None
     return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synchronize(device: str):

@@ -6,7 +6,7 @@ inside functions.
             evaluation.py, pipeline.py, and any new one)
       5  scoring.py, agent.py
       4  training.py, engine.py, weight/__main__.py, tools.py
-      3  weight/checkpoint.py, optim.py, memory.py
+      3  weight/checkpoint.py, optim.py, memory.py, report.py
       2  data/, weight/hf.py, weight/gguf.py, runtime.py, flags.py, retrieval.py
       1  tokenizer/
       0  model.py, atomic.py
@@ -125,7 +125,7 @@ LAYERS = {
     0: ["model.py", "atomic.py"],
     1: ["tokenizer/"],
     2: ["data/", "weight/hf.py", "weight/gguf.py", "weight/__init__.py", "runtime.py", "flags.py", "retrieval.py"],
-    3: ["weight/checkpoint.py", "optim.py", "memory.py"],
+    3: ["weight/checkpoint.py", "optim.py", "memory.py", "report.py"],
     4: ["training.py", "engine.py", "weight/__main__.py", "tools.py"],
     5: ["scoring.py", "agent.py"],
 }

@@ -145,6 +145,9 @@ def test_every_stage_gets_the_pipelines_seed_device_and_dtype_and_eval_scores_ea
     assert evaluated == ["eval pretrain", "eval sft", "eval lora", "eval dpo"]      # every checkpoint, in order
     table = (tmp_path / "weight" / "pipeline.md").read_text()
     assert "pretrain 30.0%" in table and "dpo 30.0%" in table
+    # the report card: the same numbers on one page, with the per-family chart (tests/test_web.py renders one)
+    card = (tmp_path / "weight" / "report.html").read_text()
+    assert "Report card" in card and "0.0% -&gt; 55.0%" in card and "data:image/png;base64," in card
 
 
 def test_unknown_stages_are_refused_with_the_list():

@@ -124,3 +124,37 @@ def test_the_page_shows_a_tool_call_its_result_and_the_sources(tools_url, browse
     assert browser.execute_script("return arguments[0].firstChild.textContent", answer) == "2+3 = 5."
     assert "[zorbia.md#0] The capital of Zorbia is Quellin." in answer.find_element(By.CLASS_NAME, "sources").text
     assert '"role": "tool"' in prompts[1] and '"content": "5"' in prompts[1]    # the result went back to the model
+
+
+def test_the_report_card_renders_with_its_pictures(tiny_pretrained, tmp_path, browser):
+    """pipeline.py's weight/report.html, from a real (tiny) pretraining folder and SFT metrics, in Chromium:
+    every picture decodes, the numbers and the sample answers are on the page, escaped as text."""
+    import shutil as sh
+
+    import pipeline
+    from report import write_report
+    from tokenizer import Tokenizer
+    weight = tmp_path / "weight"
+    sh.copytree(tiny_pretrained / "ckpt", weight / "pretrain")                 # its real log.csv and tokenizer
+    example = {"family": "upper", "prompt": "Uppercase:\nbold", "expected": "BOLD", "correct": False}
+    sft = {"accuracy": 0.5, "accuracy_before": 0.0, "accuracy_by_family": {"upper": 0.5, "repeat": 1.0},
+           "accuracy_by_family_before": {"upper": 0.0, "repeat": 0.0},
+           "examples": [{**example, "answer": "<b>BOL</b>"}], "examples_before": [{**example, "answer": "bold bold"}]}
+    results = {"pretrain": {"val_bpb": 2.5, "val_bpb_en": 2.5, "val_bpb_zh": None}, "sft": sft,
+               "seconds": {"pretrain": 3.0, "sft": 5.0}, "estimate": {"pretrain": 4.0, "sft": 4.0}}
+    page = write_report(weight / "report.html", results, pipeline.summary_rows(results), weight, "cpu", "float32",
+                        Tokenizer.load(tiny_pretrained / "tok.json"), {"English": "hello world " * 50})
+    browser.get(page.as_uri())
+    images = browser.find_elements(By.TAG_NAME, "img")
+    # the pretraining curves, the per-family chart, the times: each a PNG that decoded to a real picture
+    assert len(images) >= 3
+    assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 100", img)
+               for img in images), "a picture of the report card did not decode"
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert "0.0% -> 50.0%" in text and "held-out exact match" in text
+    assert "<b>BOL</b>" in text and "bold bold" in text        # the model's answer shown as it wrote it
+    assert "bytes per token, English" in text
+    shot = SCREENSHOT.with_name("report_card.png")
+    browser.set_window_size(1100, 2400)
+    assert browser.save_screenshot(str(shot))
+    browser.set_window_size(1100, 700)
