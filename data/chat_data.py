@@ -311,13 +311,25 @@ def read_conversations(path: str | Path) -> Iterator[dict]:
 
 
 def check_turns(messages: list, where: str) -> None:
-    """An optional system message, then user/assistant turns in order, ending with the assistant."""
+    """An optional system message, then user/assistant turns in order, ending with the assistant.
+    Tool results ({"role": "tool"}) answer an assistant message's "tool_calls": one or more of them
+    stand where a user turn would (the template renders them inside one user turn)."""
     check_messages(messages, where)
     roles = [m["role"] for m in messages]
-    turns = roles[1:] if roles[0] == "system" else roles
+    body = messages[1:] if roles[0] == "system" else messages
+    for i, message in enumerate(body):
+        before = body[i - 1] if i else {}
+        called = before.get("role") == "tool" or (before.get("role") == "assistant" and (
+            before.get("tool_calls") or "<tool_call>" in (before.get("content") or "")))
+        if message["role"] == "tool" and not called:
+            raise DataError(f"{where}: a tool result (message {i + len(messages) - len(body)}) must follow an assistant "
+                            f'message with "tool_calls" (or another tool result)')
+    # consecutive tool results are one turn, in a user's place (the template renders them so)
+    turns = [m["role"] for i, m in enumerate(body) if not (m["role"] == "tool" and i and body[i - 1]["role"] == "tool")]
+    turns = ["user" if r == "tool" else r for r in turns]
     if not turns or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(turns)):
         raise DataError(f"{where}: roles out of order ({' -> '.join(roles)}); expected an optional system "
-                        f"message, then user and assistant taking turns")
+                        f"message, then user and assistant taking turns (tool results after a tool call)")
     if turns[-1] != "assistant":
         raise DataError(f"{where}: the conversation has no final assistant turn to learn from")
 

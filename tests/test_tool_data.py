@@ -53,3 +53,26 @@ def test_eval_questions_are_read_back_with_their_sums(tmp_path):
     with pytest.raises(ValueError) as e:
         read_addition_questions(tmp_path / "bad.jsonl")
     assert str(e.value).startswith(f"{tmp_path / 'bad.jsonl'}:1: not an addition record")
+
+
+def test_openai_style_tool_messages_are_read_and_render_as_the_text_form(tmp_path):
+    """Training data with structured calls ({"role": "assistant", "tool_calls": [...]}, then {"role": "tool"}),
+    as OpenAI's fine-tuning format writes them: read by full_sft.py's reader, same tokens as the text form."""
+    from data.pretrain_data import DataError
+    text_form = generate_tool_data(n_train=1, n_eval=0, schema=False)["train_tools"][0]["conversations"]
+    user, call_text, result_text, answer = text_form
+    _, [call] = parse_tool_calls(call_text["content"])
+    result = result_text["content"].split("\n")[1]
+    structured = [user, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                  "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": result}, answer]
+    path = tmp_path / "openai.jsonl"
+    path.write_text(json.dumps({"messages": structured}) + "\n" + json.dumps({"messages": [user, structured[2], answer]})
+                    + "\n", encoding="utf-8")
+    reader = read_conversations(path)
+    [record] = [next(reader)]
+    tok = Tokenizer.from_texts([json.dumps(text_form, ensure_ascii=False) * 5], vocab_size=300, progress=False)
+    assert render_chat(record["conversations"], tok) == render_chat(text_form, tok)
+    with pytest.raises(DataError) as e:                       # a result nobody asked for: one line, file and line
+        next(reader)
+    assert str(e.value).startswith(f"{path}:2: a tool result (message 1) must follow an assistant message")
