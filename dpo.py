@@ -298,4 +298,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(main, processes=True)      # --nproc N: N processes (DDP), as torchrun

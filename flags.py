@@ -120,11 +120,15 @@ def check_architecture_flags(own: set[str], argv: list[str]):
                          f"(python pretrain.py --{name} ...) and start from it with --init_from")
 
 
-def main_guard(main: Callable):
+def main_guard(main: Callable, processes: bool = False):
     """Run main(); bad input (ValueError, FileNotFoundError) becomes one line on stderr.
 
-    Set WORKSHOP_DEBUG=1 to see the full traceback instead.
+    Set WORKSHOP_DEBUG=1 to see the full traceback instead. processes=True (the training
+    stages): `--nproc N` runs the stage as N processes (see launch).
     """
+    nproc = pop_nproc(sys.argv) if processes else None
+    if nproc is not None:
+        return launch(nproc, sys.argv)
     try:
         return main()
     except (ValueError, FileNotFoundError) as e:
@@ -139,3 +143,42 @@ def main_guard(main: Callable):
     except BrokenPipeError:          # output piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
         sys.exit(0)
+
+
+def pop_nproc(argv: list[str]) -> Optional[int]:
+    """Take `--nproc N` (or --nproc=N) out of argv; N, or None when it is not there."""
+    for i, a in enumerate(argv):
+        if a == "--nproc" or a.startswith("--nproc="):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i:i + (1 if "=" in a else 2)]
+            if not value.isdigit() or int(value) < 1:
+                print(f"error: --nproc takes a number of processes, 1 or more, got {value!r}", file=sys.stderr)
+                sys.exit(2)
+            if "LOCAL_RANK" in os.environ:
+                print("error: --nproc inside torchrun: use one or the other", file=sys.stderr)
+                sys.exit(2)
+            return int(value)
+    return None
+
+
+def launch(nproc: int, argv: list[str]):
+    """`python pretrain.py --nproc 2 ...` = `torchrun --standalone --nproc_per_node 2 pretrain.py ...`:
+    torch's own launcher starts the processes (DDP: each takes its share of every batch), but
+    Ctrl-C and a failing process each end in one line here; torchrun's launcher answers both
+    with a traceback of its own, after the stage's one-line message."""
+    import logging
+
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # its notes; ours is one line
+    try:
+        run.main(["--standalone", "--nproc_per_node", str(nproc), *argv])
+    except SignalException:              # Ctrl-C: the processes were stopped; process 0 said how to resume
+        sys.exit(130)
+    except ChildFailedError as e:        # the failing process printed its own error line already
+        codes = [failure.exitcode for failure in e.failures.values() if failure.exitcode > 0]
+        code = min(codes) if codes else 1          # (the others were stopped by the launcher: negative codes)
+        print(f"error: a process of {nproc} failed (exit {code}) and the others were stopped: its message is above",
+              file=sys.stderr)
+        sys.exit(code)

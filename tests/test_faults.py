@@ -391,6 +391,39 @@ def test_kill_9_of_a_torchrun_job_then_resume_with_torchrun(chat, tmp_path):
     assert_every_file_loads(out)
 
 
+def test_ctrl_c_of_a_multi_process_run_ends_in_one_line_then_resumes(chat, tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group, as a terminal sends it) of `python pretrain.py --nproc 2`
+    after step 2: the processes stop, exit 130, one line says how to go on, and no traceback (torchrun's
+    launcher prints one of its own; the stage's --nproc runs the same launcher without it). A failing
+    process also ends in one line. Then --nproc 2 --resume finishes the run."""
+    out = tmp_path / "ddp"
+    flags = stage_flags("pretrain", chat, out)
+    job = StageProcess([sys.executable, str(ROOT / "pretrain.py"), *flags, "--nproc", "2"], tmp_path / "ddp.log")
+    deadline = time.monotonic() + 120
+    while not job.printed("step 2:") and job.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.send(signal.SIGINT)
+    try:
+        rc = job.wait(timeout=120)
+    finally:
+        for pid in workers_left(job, out):
+            os.kill(pid, signal.SIGKILL)
+    stderr = job.log.read_text()
+    assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("interrupted; rerun with --resume") == 1, stderr[-3000:]
+    assert not (out / "metrics.json").exists() and saved_step(out) is not None
+
+    bad = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *flags, "--lr", "-1", "--nproc", "2"], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert "error: a process of 2 failed (exit 2)" in bad.stderr and "--lr" in bad.stderr
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *flags, "--resume", "--nproc", "2"], cwd=ROOT,
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
 def workers_left(job: StageProcess, out: Path) -> list[int]:
     """The job's processes still running after the wait (Linux /proc: command lines naming its --out_dir)."""
     if not job.reader.is_alive() or not Path("/proc").is_dir():
