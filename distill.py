@@ -40,7 +40,7 @@ from model import IGNORE_INDEX
 from runtime import finish, setup_runtime
 from scoring import answer_loss_evaluator, before_and_after, greedy_answers, task_accuracy
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only, same_tokens
 
 
 @dataclass
@@ -83,14 +83,11 @@ def main(argv=None):
     rt = setup_runtime(cfg)
 
     # 1. student and teacher; token-level distillation compares distributions over the same vocabulary
-    student, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python pretrain.py")
-    teacher, _ = load_checkpoint(cfg.teacher, rt.device, make_hint="python full_sft.py")
+    student, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "distill.py", make_hint="python pretrain.py")
+    teacher, _ = load_decoder_only(cfg.teacher, rt.device, "distill.py")
     teacher.eval().requires_grad_(False)
     tokenizer, teacher_tokenizer = load_checkpoint_tokenizer(cfg.init_from), load_checkpoint_tokenizer(cfg.teacher)
-    if student.config.n_encoder_layer or teacher.config.n_encoder_layer:
-        raise ValueError("distill.py reads decoder-only models: fine-tune an encoder-decoder one with full_sft.py")
-    same_vocabulary = teacher_tokenizer.encode("a test of the two vocabularies, 你好") == \
-        tokenizer.encode("a test of the two vocabularies, 你好") and teacher.config.vocab_size == student.config.vocab_size
+    same_vocabulary = same_tokens(teacher_tokenizer, tokenizer) and teacher.config.vocab_size == student.config.vocab_size
     if cfg.mode == "token" and not same_vocabulary:
         raise ValueError(f"{cfg.teacher} and {cfg.init_from} have different tokenizers: token-level distillation "
                          f"compares distributions over one vocabulary; use --mode sequence")

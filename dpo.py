@@ -52,7 +52,7 @@ from scoring import answerer, before_and_after, greedy_answers, task_accuracy
 from tokenizer.chat import render_chat
 from training import (TrainConfig, check_train_config, pretrained_defaults_note, resumed_flags, run_training,
                       write_metrics)
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, tokenizer_source
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only, tokenizer_source
 
 
 @dataclass
@@ -188,10 +188,7 @@ def main(argv=None):
     cfg = resumed_flags(parse_config(DPOConfig, __doc__.split("\n\n")[0].strip(), argv, presets=PRESETS), argv)
     check_train_config(cfg)
     rt = setup_runtime(cfg)
-    model, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
-    if model.config.n_encoder_layer:
-        raise ValueError(f"{cfg.init_from} is an encoder-decoder model: dpo.py scores answers as continuations of "
-                         f"one decoder-only sequence; fine-tune an encoder-decoder model with full_sft.py or lora.py")
+    model, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "dpo.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
     pad_id, block = tokenizer.eot_id, sequence_limit(model.config, cfg.max_len)
     note = pretrained_defaults_note(cfg, ckpt_config, "dpo.py")

@@ -54,7 +54,7 @@ from runtime import finish, setup_runtime  # noqa: E402
 from scoring import before_and_after, exact_match_report, format_report, is_right  # noqa: E402
 from tokenizer.chat import render_chat  # noqa: E402
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics  # noqa: E402
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer  # noqa: E402
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only  # noqa: E402
 
 
 @dataclass
@@ -153,10 +153,7 @@ def main(argv=None):
     rt = setup_runtime(cfg)
 
     # 1. the policy (trained) and the reference (a frozen copy: the KL penalty's anchor)
-    model, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
-    if model.config.n_encoder_layer:
-        raise ValueError(f"{cfg.init_from} is an encoder-decoder model: grpo.py scores answers as continuations "
-                         f"of one decoder-only sequence")
+    model, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "grpo.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
 

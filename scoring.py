@@ -31,7 +31,7 @@ from data.cot import marked_answer
 from engine import Engine, SamplingParams
 from model import IGNORE_INDEX
 from tokenizer.chat import render_chat
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, same_tokens
 
 
 @torch.no_grad()
@@ -267,8 +267,7 @@ def load_verifier(folder: str | Path, device="cpu") -> tuple[RewardModel, object
 def verifier_for(folder: str | Path, engine: Engine) -> RewardModel:
     """load_verifier, checked against the model that will answer: the verifier must read its tokens."""
     verifier, tokenizer = load_verifier(folder, engine.device)
-    probe = "a test of the two vocabularies, 你好"
-    if tokenizer.encode(probe) != engine.tokenizer.encode(probe) or verifier.config.vocab_size != engine.model.config.vocab_size:
+    if not same_tokens(tokenizer, engine.tokenizer) or verifier.config.vocab_size != engine.model.config.vocab_size:
         raise ValueError(f"--verifier {folder} reads another tokenizer than the model {engine.name}: train it from "
                          f"this model (python verifier.py --init_from <the model's folder>)")
     return verifier

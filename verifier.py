@@ -42,7 +42,7 @@ from runtime import finish, setup_runtime
 from scoring import (HEAD_FILE, RewardModel, answer_ids, batch_of, is_right, load_verifier, sampled_answers,
                      scaling_report, score_answers)
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, save_checkpoint
+from weight.checkpoint import load_checkpoint_tokenizer, load_decoder_only, save_checkpoint
 
 def own_answer_pairs(model, tokenizer, records: list[dict], samples: int, max_new_tokens: int, seed: int,
                      per_prompt: int = 2) -> list[tuple[list[int], list[int]]]:
@@ -130,9 +130,7 @@ def main(argv=None):
     cfg = resumed_flags(parse_config(VerifierConfig, __doc__.split("\n\n")[0].strip(), argv), argv)
     check_train_config(cfg)
     rt = setup_runtime(cfg)
-    backbone, ckpt_config = load_checkpoint(cfg.init_from, rt.device, make_hint="python full_sft.py")
-    if backbone.config.n_encoder_layer:
-        raise ValueError(f"{cfg.init_from} is an encoder-decoder model: the verifier reads one decoder-only sequence")
+    backbone, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "verifier.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
 
     # 1. pairs: the SFT model's own answers, right against wrong (held-out pairs from held-out prompts)

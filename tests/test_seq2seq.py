@@ -124,6 +124,13 @@ def test_an_encoder_decoder_chatbot_through_every_stage(tmp_path, capsys):
                       "--old_eval_data", str(tmp_path / "eval.jsonl")])
     with pytest.raises(ValueError, match="is an encoder-decoder model: dpo.py"):
         dpo.main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "dpo")])
+    import distill
+    import grpo
+    import verifier
+    for stage, main, extra in (("grpo.py", grpo.main, []), ("verifier.py", verifier.main, []),
+                               ("distill.py", distill.main, ["--teacher", str(tmp_path / "sft")])):
+        with pytest.raises(ValueError, match=f"is an encoder-decoder model: {stage} reads a prompt and its answer"):
+            main(["--init_from", str(tmp_path / "sft"), "--out_dir", str(tmp_path / stage), *extra])
 
 
 def test_an_objective_that_does_not_fit_the_model_is_refused(tmp_path):

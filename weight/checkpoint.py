@@ -94,6 +94,22 @@ def load_checkpoint(ckpt_dir: str | Path, device="cpu", make_hint: str = "python
     return model.to(device), config
 
 
+def load_decoder_only(ckpt_dir: str | Path, device, stage: str, make_hint: str = "python full_sft.py"):
+    """load_checkpoint for the stages that read a prompt and its answer as one decoder-only sequence
+    (dpo.py, grpo.py, verifier.py, distill.py): an encoder-decoder model is refused in one line."""
+    model, config = load_checkpoint(ckpt_dir, device, make_hint=make_hint)
+    if model.config.n_encoder_layer:
+        raise ValueError(f"{ckpt_dir} is an encoder-decoder model: {stage} reads a prompt and its answer as one "
+                         f"decoder-only sequence; fine-tune an encoder-decoder model with full_sft.py or lora.py")
+    return model, config
+
+
+def same_tokens(a, b, probe: str = "a test of the two vocabularies, 你好") -> bool:
+    """Whether two tokenizers (ours or imported) give the same ids: a quick check before one model's
+    distributions or scores are read against another's (distill.py, a verifier)."""
+    return a.encode(probe) == b.encode(probe) and a.vocab_size == b.vocab_size
+
+
 def load_checkpoint_tokenizer(ckpt_dir: str | Path):
     """The tokenizer a checkpoint was trained with: its tokenizer.json, or a Hugging Face folder's own files."""
     ckpt_dir = installed_gguf(ckpt_dir) or ckpt_dir
