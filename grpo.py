@@ -40,21 +40,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, collate, read_conversations  # noqa: E402
-from engine import generate, left_pad  # noqa: E402
-from flags import arg, main_guard, parse_config  # noqa: E402
-from model import IGNORE_INDEX  # noqa: E402
-from runtime import finish, setup_runtime  # noqa: E402
-from scoring import before_and_after, exact_match_report, format_report, is_right  # noqa: E402
-from tokenizer.chat import render_chat  # noqa: E402
-from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics  # noqa: E402
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only  # noqa: E402
+from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, collate, read_conversations
+from engine import generate, left_pad
+from flags import arg, main_guard, parse_config
+from model import IGNORE_INDEX
+from runtime import finish, setup_runtime
+from scoring import before_and_after, exact_match_report, format_report, is_right
+from tokenizer.chat import render_chat
+from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only
 
 
 @dataclass
@@ -257,6 +253,9 @@ def write_history(out_dir: Path, history: list[dict], accuracy_log: list[tuple])
         for step, h in enumerate(history, 1):
             writer.writerow({"step": step, **h})
     steps = range(1, len(history) + 1)
+    import matplotlib
+    matplotlib.use("Agg")                   # here, not at import: a notebook importing grpo keeps its own backend
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, key, title in zip(axes[[0, 2, 3]], ("reward", "kl", "answer_tokens"),
                               ("mean reward (sampled answers)", "KL to the SFT model, per token", "answer tokens")):

@@ -71,7 +71,8 @@ def save_verifier(out_dir: Path, reward_model: RewardModel, meta: dict, tokenize
 
 
 def pair_accuracy(reward_model, pairs, pad_id: int, device, batch_size: int = 64) -> tuple[float, float]:
-    """(Bradley-Terry loss, share of pairs scored chosen > rejected) over pairs."""
+    """(Bradley-Terry loss, share of pairs scored chosen > rejected) over pairs; a tie counts half, as a
+    coin flip would pick (an untrained verifier, scoring every answer 0, is at chance: 50%)."""
     losses, right = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -79,8 +80,8 @@ def pair_accuracy(reward_model, pairs, pad_id: int, device, batch_size: int = 64
             chosen = reward_model(*batch_of([c for c, _ in chunk], pad_id, device))
             rejected = reward_model(*batch_of([r for _, r in chunk], pad_id, device))
             losses.append(-F.logsigmoid(chosen - rejected))
-            right.append(chosen > rejected)
-    return torch.cat(losses).mean().item(), torch.cat(right).float().mean().item()
+            right.append((chosen > rejected).float() + 0.5 * (chosen == rejected).float())
+    return torch.cat(losses).mean().item(), torch.cat(right).mean().item()
 
 
 def best_of_k(reward_model, tokenizer, records: list[dict], n: int, max_new_tokens: int, seed: int = 0,

@@ -36,7 +36,8 @@ def addition_trace(a: int, b: int) -> list[str]:
         total = da + db + carry
         term = f"{da}+{db}" + (f"+{carry}" if carry else "")
         carry = total // 10
-        lines.append(f"{places[i]}: {term}={total}, {total % 10} carry {carry}")
+        place = places[i] if i < len(places) else f"10^{i}"       # (the chat tasks stay below 10,000)
+        lines.append(f"{place}: {term}={total}, {total % 10} carry {carry}")
     return lines
 
 

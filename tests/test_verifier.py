@@ -58,3 +58,19 @@ def test_verifier_trains_on_right_and_wrong_answers_and_picks_best_of_k(tiny_pre
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
     assert len(verifier.score_answers(reward_model, tokenizer, conversation, ["a", "bb", "ccc"])) == 3
     assert load_checkpoint_tokenizer(out).encode("hello") == tokenizer.encode("hello")
+
+
+def test_an_untrained_verifier_is_at_chance_on_pairs():
+    """Its value head starts at zero: every answer scores 0, each pair is a tie (half right), the loss log 2."""
+    import math
+
+    import torch
+
+    from model import GPT, ModelConfig
+    from scoring import RewardModel
+    from verifier import pair_accuracy
+    torch.manual_seed(0)
+    reward_model = RewardModel(GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)))
+    pairs = [([1, 2, 3], [1, 2, 4, 5]), ([7, 8], [9])]
+    loss, accuracy = pair_accuracy(reward_model, pairs, pad_id=0, device="cpu")
+    assert accuracy == 0.5 and abs(loss - math.log(2)) < 1e-6
