@@ -42,7 +42,8 @@ class AgentEvalConfig(LoadConfig):
     task: str = arg("facts", "facts: retrieval on invented facts; addition: calculator use (data/tool_data.py)",
                     choices=["facts", "addition"])
     ckpt: str = arg("smollm2", "checkpoint folder, .gguf file or short name to evaluate")
-    max_new_tokens: int = arg(40, "longest answer (per model call)")
+    max_new_tokens: int = arg(96, "longest answer (per model call; a calculator call is about 60 tokens with the "
+                                   "project's 4,096-token vocabulary: a shorter limit cuts it)")
     limit: int = arg(40, "questions answered (0 = all); retrieval recall is scored on all of them")
     n_countries: int = arg(20, "facts: invented countries (5 questions each)")
     seed: int = arg(0, "facts: which invented world")

@@ -1,16 +1,17 @@
 """
 data/tool_data.py -- chat data that teaches a model to call the calculator for addition, and its no-tool twin.
 
-    python -m data.tool_data                               # -> data/default/tools/*.jsonl
+    python -m data.tool_data --no_schema                   # -> data/default/tools/*.jsonl
     python full_sft.py --data data/default/tools/train_tools.jsonl --eval_data data/default/tools/eval_tools.jsonl \\
-                       --out_dir weight/sft_tools
+                       --max_steps 800 --batch_size 16 --out_dir weight/sft_tools
     python full_sft.py --data data/default/tools/train_direct.jsonl --eval_data data/default/tools/eval_direct.jsonl \\
-                       --out_dir weight/sft_direct         # the same questions answered directly (equal budget)
-    python agent_eval.py --task addition --ckpt weight/sft_tools --tools calculator
-    python agent_eval.py --task addition --ckpt weight/sft_direct
+                       --max_steps 800 --batch_size 16 --out_dir weight/sft_direct   # the same questions, no tool
+    python agent_eval.py --task addition --ckpt weight/sft_tools --tools calculator --no-tool_schemas   # 100%
+    python agent_eval.py --task addition --ckpt weight/sft_direct                                       # 0%
 
-A small model cannot add two four-digit numbers it has never seen (it would have to learn
-carrying from examples); it can learn to copy them into a call. A tool conversation is
+(measured on 200 held-out questions, docs/tools.md). A small model cannot add two four-digit
+numbers it has never seen (it would have to learn carrying from examples); it can learn to copy
+them into a call. A tool conversation is
 
     system     the calculator's schema (tokenizer.chat.tools_system_text)
     user       What is 4821 + 3907?
