@@ -2,7 +2,7 @@
 report.py -- the report card of a pipeline run: one page, weight/report.html, showing what every stage did.
 
 `python pipeline.py` writes it at the end of every run (the same run that prints the table), from
-what the stages left in weight/: each stage's log.csv (its curves), metrics.json (accuracy per task
+what the stages left in weight/: each stage's curves (the loss.png it drew), metrics.json (accuracy per task
 family, sample answers before and after), the tokenizer, the machine and the times. The pictures
 are drawn with matplotlib and embedded in the page as base64 PNG, so the one file opens anywhere,
 offline, and can be archived or mailed with a run.
@@ -11,7 +11,6 @@ offline, and can be archived or mailed with a run.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 from datetime import datetime
@@ -21,7 +20,7 @@ from atomic import atomic_write_text
 from runtime import machine_line
 from tokenizer import Tokenizer
 
-STAGE_FOLDERS = {"pretrain": "pretrain", "sft": "sft", "lora": "lora", "dpo": "dpo", "grpo": "grpo"}
+STAGE_FOLDERS = ("pretrain", "sft", "lora", "dpo", "grpo")          # under weight/, in pipeline order
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top;font-size:14px}th{background:#f3f3f3}img{max-width:100%}.ok{color:#17803d}.bad{color:#c0392b}
@@ -61,50 +60,10 @@ def missed(cell):
     return Markup('<b class="bad">no</b>') if cell == "**no**" else cell
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def series(rows: list[dict], key: str) -> tuple[list, list]:
-    points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def curves(stage: str, rows: list[dict]) -> str:
-    """Training and validation loss against steps; bits per byte, or DPO's preference accuracy, on a second axis."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.plot(*series(rows, "train_loss"), alpha=0.6, label="train loss")
-    ax.plot(*series(rows, "val_loss"), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    for key, label in (("val_bpb", "validation bits per byte"), ("preference_accuracy", "preference accuracy")):
-        steps, values = series(rows, key)
-        if values:
-            twin = ax.twinx()
-            twin.plot(steps, values, "s--", color="tab:green", label=label)
-            twin.set_ylabel(label)
-            twin.legend(loc="upper center")
-    ax.set_title(stage)
-    return picture(fig, f"{stage} curves")
-
-
-def grpo_curves(rewards: list[dict], evaluations: list[dict]) -> str:
-    """GRPO has no loss to watch: the mean reward of its samples (grpo.csv) and the held-out accuracy (log.csv)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.plot(*series(rewards, "reward"), label="mean reward of the samples")
-    ax.plot(*series(evaluations, "heldout_accuracy"), "o-", label="held-out accuracy")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("grpo")
-    return picture(fig, "grpo curves")
+def stage_picture(path: Path) -> str:
+    """A picture a stage drew itself (loss.png: its curves from log.csv; grpo.png), embedded as it is."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.parent.name)} {html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
 def family_chart(columns: list[tuple[str, dict]]) -> str:
@@ -180,14 +139,10 @@ def write_report(path: Path, results: dict, tables: list[list[tuple]], weight_di
              f"{sum(seconds.values()) / 60:.1f} min for the stages run now</p>",
              "<h2>Every stage against its target</h2>", table([tuple(missed(c) for c in row) for row in tables[0]])]
 
-    parts.append("<h2>Training curves</h2>")
-    for stage, folder in STAGE_FOLDERS.items():
-        rows = read_rows(weight_dir / folder / "log.csv")
-        grpo_rows = read_rows(weight_dir / folder / "grpo.csv")
-        if grpo_rows:
-            parts.append(grpo_curves(grpo_rows, rows))
-        elif rows:
-            parts.append(curves(stage, rows))
+    parts.append("<h2>Training curves</h2>")     # each stage's own pictures (training.plot_log, grpo.py)
+    for folder in STAGE_FOLDERS:
+        parts += [stage_picture(weight_dir / folder / name) for name in ("loss.png", "grpo.png")
+                  if (weight_dir / folder / name).exists()]
 
     columns = [(f"{name} ({when})", metrics[key]) for name, metrics, key, when in
                [("sft", results.get("sft", {}), "accuracy_by_family_before", "before: pretrained")] +

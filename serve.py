@@ -589,9 +589,7 @@ class Api:
         return {**head, "object": "chat.completion", **extra,
                 "choices": [{"index": 0, "message": message,
                              "finish_reason": "tool_calls" if tool_calls else last.finish_reason}],
-                "usage": {**usage(job, last), **({"completion_tokens": sum(d.tokens for _, d in results),
-                                                  "total_tokens": len(job.ids) + sum(d.tokens for _, d in results)}
-                                                 if best_of > 1 else {})}}
+                "usage": usage(job, *(d for _, d in results))}          # best_of: every answer counts
 
     # --- /v1/completions ----------------------------------------------------------------
 
@@ -650,8 +648,10 @@ async def answers(jobs: list[Job], http: Request) -> list[tuple[str, Delta]]:
     return together.result()
 
 
-def usage(job: Job, last: Delta) -> dict:
-    return {"prompt_tokens": len(job.ids), "completion_tokens": last.tokens, "total_tokens": len(job.ids) + last.tokens}
+def usage(job: Job, *lasts: Delta) -> dict:
+    """Token counts of one prompt and its answers (each answer's last delta carries its count)."""
+    completion = sum(last.tokens for last in lasts)
+    return {"prompt_tokens": len(job.ids), "completion_tokens": completion, "total_tokens": len(job.ids) + completion}
 
 
 def include_usage(request: GenerationRequest) -> bool:

@@ -128,7 +128,7 @@ class CsvLog:
 
 
 def plot_log(csv_path: Path, png_path: Path, title: str):
-    """loss.png: training loss and validation loss against steps (bpb on a second axis)."""
+    """loss.png: training loss and validation loss against steps (bpb or accuracy on a second axis)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,12 +150,17 @@ def plot_log(csv_path: Path, png_path: Path, title: str):
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    bpb_steps, bpb = series("val_bpb")
-    if bpb:
-        ax2 = ax.twinx()
-        ax2.plot(bpb_steps, bpb, "s--", color="tab:green", label="val bpb")
-        ax2.set_ylabel("bits per byte")
-        ax2.legend(loc="upper center")
+    # a second axis for the evaluation's own figure: pretraining's bits per byte, DPO's preference
+    # accuracy, GRPO's held-out accuracy (the first that log.csv has)
+    for key, label in (("val_bpb", "bits per byte"), ("preference_accuracy", "preference accuracy"),
+                       ("heldout_accuracy", "held-out accuracy")):
+        steps, values = series(key)
+        if values:
+            ax2 = ax.twinx()
+            ax2.plot(steps, values, "s--", color="tab:green", label=label)
+            ax2.set_ylabel(label)
+            ax2.legend(loc="upper center")
+            break
     ax.legend(loc="upper right")
     ax.set_title(title)
     if experts:
