@@ -1,7 +1,7 @@
 """
 Where a training step's time goes on this machine: the numbers behind the choice of recipe.
 
-    python bench/bench_step.py            # the default model, about 2 minutes on 2 CPU cores
+    python bench/bench_step.py            # the default model, about a minute on 2 CPU cores
     python bench/bench_step.py --quick    # tiny sizes, seconds: checks the script works (no record)
 
 1. A pretraining step of the default model (16 x 256 tokens, Muon for the hidden matrices,
