@@ -51,13 +51,26 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement")
     parser.add_argument("--quick", action="store_true", help="a tiny model and 2 rounds: checks the script (no record)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1 timed round is needed for a median")
+    return args
 
 
 def batch(config: ModelConfig, rows: int, length: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(config.vocab_size, (rows, length), generator=g),
             torch.randint(config.vocab_size, (rows, length), generator=g))
+
+
+def train_step(model, optimizer, x, y):
+    """One whole training step on a fixed batch, as a no-argument function (for machine.alternate)."""
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 def step_parts(model, optimizer, x, y, rounds: int) -> dict:
@@ -129,15 +142,7 @@ def main():
     assert first["muon"] == first["adamw"], f"the two copies differ before any step: {first}"
     optimizers = {name: make_optimizer(m, TrainConfig(optimizer=name), torch.device("cpu"))
                   for name, m in models.items()}
-
-    def sft_step(name):
-        def step():
-            _, loss = models[name](sx, sy)
-            loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-        return step
-    sft = alternate({name: sft_step(name) for name in models}, rounds, "cpu")
+    sft = alternate({name: train_step(models[name], optimizers[name], sx, sy) for name in models}, rounds, "cpu")
     for name, m in models.items():
         after = m(sx, sy)[1].item()
         assert after < first[name], f"{name}: {rounds + 1} steps on one batch did not lower its loss " \
@@ -147,11 +152,7 @@ def main():
           f"AdamW {show(spread(sft['adamw'], 3), '.3f', ' s')}; Muon / AdamW {show(sft_ratio, '.2f', 'x')}")
 
     # 4. one thread against all of them, the same pretraining step
-    def pre_step():
-        _, loss = model(x, y)
-        loss.backward()
-        muon.step()
-        muon.zero_grad(set_to_none=True)
+    pre_step = train_step(model, muon, x, y)
 
     def on_threads(n):
         def step():
