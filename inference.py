@@ -13,7 +13,7 @@ inference.py -- talk to a trained model.
     python inference.py --ckpt smollm2 --memory me.db     # remembers across restarts; /remember, /forget (memory.py)
     python inference.py --ckpt smollm2 --mcp "python mcp_server.py --docs notes/"   # tools of any MCP server
     python inference.py --ckpt weight/sft_cot --best_of 8 # self-consistency: 8 sampled answers, the majority wins
-    python inference.py --best_of 8 --verifier weight/verifier   # best-of-8: the verifier's favourite (verifier.py)
+    python inference.py --best_of 8 --verifier weight/verifier   # best-of-8: the vote, weighed by the verifier (verifier.py)
 
 Generation (engine.py, model.py): the prompt goes through the model once (prefill,
 filling a KV cache sized for prompt + answer), then one token per step, each step
@@ -33,9 +33,10 @@ when a message shares their rare words. The system prompt is kept there too: the
 survives a restart.
 
 --best_of N (inference-time scaling): N answers are sampled together as one batch (temperature 0.7
-when --temperature is 0) and one is kept: with --verifier, the one the verifier scores highest;
-without, self-consistency (Wang et al. 2022): the first answer reaching the final answer most of
-them reach (the text after "Answer:" for a chain-of-thought model, data/cot.py). The REPL shows
+when --temperature is 0) and one is kept by self-consistency (Wang et al. 2022): the first answer
+reaching the final answer most of them reach (the text after "Answer:" for a chain-of-thought
+model, data/cot.py); with --verifier each answer's vote weighs how sure the verifier is that it
+is right (sigmoid of its score), and of the winners the highest-scored one is kept. The REPL shows
 the kept answer and why. It buys accuracy with N times the compute: evaluation.py --samples and
 verifier.py --best_of measure how much.
 """
@@ -82,8 +83,8 @@ class InferenceConfig(LoadConfig):
     memory: str = arg("", "a SQLite file of long-term memory (made if missing): turns, /remember notes, persona")
     memory_k: int = arg(3, "with --memory: most remembered items put back into the prompt")
     mcp: str = arg("", "an MCP server command (e.g. \"python mcp_server.py\"): its tools join --tools' (stdio)")
-    best_of: int = arg(0, "sample N answers and keep one: the --verifier's favourite, or the majority's final "
-                          "answer (chat models; 0 = off)")
+    best_of: int = arg(0, "sample N answers and keep one reaching the majority's final answer, the votes weighed "
+                          "by the --verifier's scores when there is one (chat models; 0 = off)")
     verifier: str = arg("", "with --best_of: a verifier folder (verifier.py) that scores the answers")
 
 
@@ -182,7 +183,7 @@ class Session:
 
     def best_of_answer(self, text: str, ids: list[int]):
         """Best of N: self.best_of answers sampled as one batch, one kept (scoring.pick_best: the
-        verifier's favourite, or the majority vote), shown and kept in the history with the reason."""
+        majority vote, weighed by the verifier when there is one), shown and kept in the history with the reason."""
         params = self.params if self.params.temperature > 0 else dataclasses.replace(self.params, temperature=0.7)
         answers = [""] * self.best_of
         for delta in self.engine.stream([ids] * self.best_of, params, generator=self.rng, use_cache=self.use_cache):

@@ -9,8 +9,8 @@ on held-out answers.
     answer_loss_evaluator(examples, ...)            for the training loop: mean loss per answer token
     bootstrap_interval(values), centred(score, chance)   how sure a benchmark score is, and how far
                                                     above chance it lies (evaluation.py's benchmarks)
-    pick_best(answers, score_answers(verifier, ...))   best of N: the verifier's favourite, or (no
-                                                    scores) the majority vote
+    pick_best(answers, score_answers(verifier, ...))   best of N: the majority vote, each answer's vote
+                                                    weighed by the verifier's score when there is one
 
 An answer counts only if it equals the expected text exactly (spaces at the ends
 ignored). The answers come from the same batched engine as inference.py and serve.py.
@@ -20,7 +20,8 @@ evaluation.py is the command-line tool around them.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import math
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +150,21 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - correct + 1, n + 1)))
 
 
-def majority_answer(answers: list[str]) -> str:
-    """Self-consistency (Wang et al., 2022): the final answer given most often (after "Answer:" when
-    there is one); a tie goes to the answer reached first."""
-    finals = [marked_answer(a) for a in answers]
-    counts = {}
-    for f in finals:
-        counts[f] = counts.get(f, 0) + 1
-    return max(counts, key=lambda f: (counts[f], -finals.index(f)))
+def vote_totals(answers: list[str], weights: list[float] | None = None) -> dict[str, float]:
+    """{final answer (after "Answer:" when there is one): its votes}, in the order first reached; each answer
+    is one vote, or with weights its weight."""
+    totals = {}
+    for answer, weight in zip(answers, weights or [1.0] * len(answers)):
+        final = marked_answer(answer)
+        totals[final] = totals.get(final, 0.0) + weight
+    return totals
+
+
+def majority_answer(answers: list[str], weights: list[float] | None = None) -> str:
+    """Self-consistency (Wang et al., 2022): the final answer given most often; with weights, the one whose
+    answers weigh most. A tie goes to the answer reached first (max keeps the first of equals)."""
+    totals = vote_totals(answers, weights)
+    return max(totals, key=totals.get)
 
 
 def scaling_report(records: list[dict], samples: list[list[str]], ks: list[int], orders: int = 16,
@@ -282,14 +290,20 @@ def score_answers(reward_model: RewardModel, tokenizer, prompt: list[dict], answ
 
 
 def pick_best(answers: list[str], scores: list[float] | None = None) -> tuple[int, str]:
-    """Best of N: (index of the answer to keep, a line saying why). With a verifier's scores the
-    highest-scored answer; without, self-consistency: the first answer reaching the final answer
-    (after "Answer:", data/cot.py) that most of the answers reach."""
-    if scores is not None:
-        best = max(range(len(answers)), key=lambda i: scores[i])
-        ranked = sorted(scores, reverse=True)
-        return best, "verifier scores " + ", ".join(f"{s:.2f}" for s in ranked[:4]) + (", ..." if len(ranked) > 4 else "")
-    finals = [marked_answer(a) for a in answers]
-    tally = Counter(finals).most_common()
-    return finals.index(majority_answer(answers)), "vote " + ", ".join(
-        f"{count} x {final!r}" for final, count in tally[:4]) + (", ..." if len(tally) > 4 else "")
+    """Best of N: (index of the answer to keep, a line saying why), by self-consistency: the final answer
+    (after "Answer:", data/cot.py) that most of the answers reach, and the first answer reaching it.
+
+    With a verifier's scores each answer's vote weighs sigmoid(score), between 0 and 1 (how sure the
+    verifier is that it is right), and the highest-scored answer reaching the winner is kept: the verifier
+    breaks the vote's ties and can outvote a majority it is sure is wrong. Not its favourite alone: a
+    verifier right on two pairs of three picked worse than the plain vote on the held-out tasks (best of
+    8: 36.8% against 47.2%), weighting the vote by it gave 47.3% (docs/reasoning.md)."""
+    weights = None if scores is None else [1 / (1 + math.exp(-s)) for s in scores]
+    totals = vote_totals(answers, weights)
+    winner = max(totals, key=totals.get)
+    reaching = [i for i, a in enumerate(answers) if marked_answer(a) == winner]
+    kept = reaching[0] if scores is None else max(reaching, key=lambda i: scores[i])
+    tally = sorted(totals.items(), key=lambda item: -item[1])          # stable: equals stay in order reached
+    label, votes = ("vote", "{:g}") if scores is None else ("verifier-weighted vote", "{:.2f}")
+    return kept, label + " " + ", ".join(f"{votes.format(total)} x {final!r}" for final, total in tally[:4]) \
+        + (", ..." if len(tally) > 4 else "")

@@ -41,9 +41,9 @@ stored. A request without a system message gets the stored persona. One file, on
 personal server.
 
 Best of N (inference-time scaling): a chat request with "best_of": N (OpenAI's name, from its
-completions API) has N answers sampled together and gets one back: with --verifier, the one
-the verifier (verifier.py) scores highest; without, the first answer reaching the final answer
-most of them reach (self-consistency). The response's "best_of" field shows every answer and why
+completions API) has N answers sampled together and gets one back: the first answer reaching
+the final answer most of them reach (self-consistency); with --verifier (verifier.py) each
+answer's vote weighs sigmoid(its score), and of the winners the highest-scored one is kept. The response's "best_of" field shows every answer and why
 one was kept; usage counts all N. Not with streaming: the choice needs every answer finished.
 
 Built-in tools (--tools calculator,search,memory): GET /v1/models lists their schemas and
@@ -127,8 +127,8 @@ class ServeConfig(Limits, LoadConfig):
     memory: str = arg("", "a SQLite memory file (inference.py --memory): old turns recalled into each chat, "
                           "new ones stored; --tools memory reads and writes it too")
     memory_k: int = arg(3, "with --memory: most remembered items put into a prompt")
-    verifier: str = arg("", "a verifier folder (verifier.py): chat requests with best_of N keep the answer it "
-                            "scores highest (without one: the majority's final answer)")
+    verifier: str = arg("", "a verifier folder (verifier.py): chat requests with best_of N keep the majority's "
+                            "final answer with each vote weighed by its score (without one: one vote each)")
 
 
 # ----------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ read at the answer's last token (its <|im_end|>, which has seen the prompt and t
 so the model learns to score the chosen answer above the rejected one; held-out pair
 accuracy (r(chosen) > r(rejected), on answers to held-out prompts) says how often it does.
 After training it picks best-of-k on the held-out chat tasks: of k sampled answers, the one
-it scores highest is the answer; beside it, the same samples' majority vote (maj@k) and
-whether any of them is right (pass@k, the ceiling of any picker). A verifier could also be
-the reward of grpo.py where no checker can score.
+it scores highest is the answer; beside it, the majority vote with each answer's vote weighed
+by the verifier (sigmoid of its score: what inference.py and serve.py keep), the same samples'
+plain vote (maj@k) and whether any of them is right (pass@k, the ceiling of any picker). A
+verifier could also be the reward of grpo.py where no checker can score.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from atomic import atomic_path
 from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, read_conversations
 from flags import arg, main_guard, parse_config
 from runtime import finish, setup_runtime
-from scoring import (HEAD_FILE, RewardModel, answer_ids, batch_of, is_right, load_verifier, sampled_answers,
-                     scaling_report, score_answers)
+from scoring import (HEAD_FILE, RewardModel, answer_ids, batch_of, is_right, load_verifier, pick_best,
+                     sampled_answers, scaling_report, score_answers)
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
 from weight.checkpoint import load_checkpoint_tokenizer, load_decoder_only, save_checkpoint
 
@@ -87,25 +88,29 @@ def pair_accuracy(reward_model, pairs, pad_id: int, device, batch_size: int = 64
 def best_of_k(reward_model, tokenizer, records: list[dict], n: int, max_new_tokens: int, seed: int = 0,
               orders: int = 16) -> dict:
     """n sampled answers per held-out record; for k = 1, 2, 4, ... n: best-of-k (the verifier's top-scored of k
-    samples is right), maj@k and pass@k on the same samples, each averaged over `orders` random draws of k."""
+    samples is right), the vote weighted by the verifier (scoring.pick_best, what inference.py and serve.py
+    keep), maj@k and pass@k on the same samples, each averaged over `orders` random draws of k."""
     backbone = reward_model.backbone
     samples = sampled_answers(backbone, tokenizer, [r["conversations"] for r in records], n, max_new_tokens,
                               temperature=1.0, seed=seed)
     scores = [score_answers(reward_model, tokenizer, r["conversations"][:-1], answers) for r, answers in zip(records, samples)]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
     rng = random.Random(seed)
-    best = {k: 0.0 for k in ks}
+    best, weighted = {k: 0.0 for k in ks}, {k: 0.0 for k in ks}
     for record, answers, score in zip(records, samples, scores):
         for k in ks:
             for _ in range(orders):
                 drawn = rng.sample(range(n), k)
                 best[k] += is_right(answers[max(drawn, key=lambda i: score[i])], record) / (orders * len(records))
+                kept, _ = pick_best([answers[i] for i in drawn], [score[i] for i in drawn])
+                weighted[k] += is_right(answers[drawn[kept]], record) / (orders * len(records))
     report = scaling_report(records, samples, ks, orders, seed)
     print("held-out tasks, k sampled answers (temperature 1):")
     for k in ks:
-        print(f"  k={k:<3} best-of-k (verifier) {best[k]:6.1%}   maj@k {report['maj_at_k'][k]:6.1%}   "
-              f"pass@k {report['pass_at_k'][k]:6.1%}")
-    return {"ks": ks, "best_of_k": best, "maj_at_k": report["maj_at_k"], "pass_at_k": report["pass_at_k"]}
+        print(f"  k={k:<3} best-of-k (verifier) {best[k]:6.1%}   vote weighted by it {weighted[k]:6.1%}   "
+              f"maj@k {report['maj_at_k'][k]:6.1%}   pass@k {report['pass_at_k'][k]:6.1%}")
+    return {"ks": ks, "best_of_k": best, "weighted_vote_at_k": weighted, "maj_at_k": report["maj_at_k"],
+            "pass_at_k": report["pass_at_k"]}
 
 
 @dataclass

@@ -102,9 +102,11 @@ def test_best_of_keeps_the_final_answer_most_samples_reach(engine, monkeypatch, 
     assert session.history[-1] == {"role": "assistant", "content": "6 * 7 = 42.\nAnswer: 42"}
 
 
-def test_best_of_with_a_verifier_keeps_its_favourite(engine, monkeypatch, capsys):
-    """With a verifier, its highest score wins, whatever the vote says; it scores the answers to the prompt
-    the model saw (system prompt and history included)."""
+@pytest.mark.parametrize("head,kept", [((1.0, 1.0, 2.0), "Answer: 42"), ((-1.0, -1.0, 1.0), "Answer: 41")])
+def test_best_of_with_a_verifier_weighs_the_votes_by_its_scores(engine, monkeypatch, capsys, head, kept):
+    """With a verifier each answer's vote weighs sigmoid(its score): a verifier that likes every answer (the
+    lone 41 most) leaves the majority's 42, one sure the 42s are wrong outvotes them. It scores the answers
+    to the prompt the model saw (system prompt and history included)."""
     from scoring import RewardModel
     answers = ["Answer: 42", "Answer: 42", "Answer: 41"]
 
@@ -115,14 +117,14 @@ def test_best_of_with_a_verifier_keeps_its_favourite(engine, monkeypatch, capsys
     verifier = RewardModel(engine.model)
     scored = []
 
-    def forward(ids, last):            # a stand-in value head: the answer's length in tokens, read from `last`
+    def forward(ids, last):            # a stand-in value head: the answer's length in tokens (from `last`) x head
         scored.append(ids.shape[0])
-        return last.float() * torch.tensor([1.0, 1.0, 2.0])
+        return last.float() * torch.tensor(head)
     monkeypatch.setattr(verifier, "forward", forward)
     session = Session(engine, SamplingParams.greedy(8), system="Be brief.", best_of=3, verifier=verifier)
     session.answer("What is 6 * 7?")
     out = capsys.readouterr().out
-    assert scored == [3] and out.startswith("Answer: 41\n[best of 3 at temperature 0.7: verifier scores")
+    assert scored == [3] and out.startswith(f"{kept}\n[best of 3 at temperature 0.7: verifier-weighted vote")
 
 
 def test_best_of_is_refused_where_it_cannot_work():

@@ -7,7 +7,7 @@ from math import comb
 import pytest
 
 import evaluation
-from scoring import majority_answer, pass_at_k, scaling_report
+from scoring import majority_answer, pass_at_k, pick_best, scaling_report
 
 
 @pytest.mark.parametrize("n,correct", [(4, 0), (4, 1), (5, 2), (8, 3), (6, 6)])
@@ -22,6 +22,18 @@ def test_pass_at_k_is_the_share_of_k_subsets_holding_a_right_answer(n, correct):
 def test_the_vote_takes_the_most_common_final_answer_and_a_tie_goes_to_the_first():
     assert majority_answer(["12", "13", "steps\nAnswer: 13", "12", "x\nAnswer: 13"]) == "13"
     assert majority_answer(["b", "a", "a", "b"]) == "b"
+
+
+def test_a_verifier_weighs_the_votes_it_breaks_ties_and_outvotes_a_majority_it_is_sure_is_wrong():
+    answers = ["Answer: 42", "x\nAnswer: 41", "y\nAnswer: 42", "Answer: 41"]
+    assert pick_best(answers) == (0, "vote 2 x '42', 2 x '41'")                  # a tie: the first reached
+    # sigmoid weights: 42 gets 0.27 + 0.50 = 0.77, 41 gets 0.73 + 0.62 = 1.35; of the 41s the higher score is kept
+    kept, why = pick_best(answers, [-1.0, 1.0, 0.0, 0.5])
+    assert kept == 1 and why == "verifier-weighted vote 1.35 x '41', 0.77 x '42'"
+    # three 42s the verifier is unsure of (0.62 each) outvote one 41 it likes (0.95)
+    assert pick_best(["Answer: 42"] * 3 + ["Answer: 41"], [0.5, 0.5, 0.5, 3.0])[0] == 0
+    # three 42s it is sure are wrong (0.05 each) do not
+    assert pick_best(["Answer: 42"] * 3 + ["Answer: 41"], [-3.0, -3.0, -3.0, 3.0])[0] == 3
 
 
 def test_scaling_report_counts_per_item_and_family():

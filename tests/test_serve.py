@@ -157,7 +157,7 @@ def test_best_of_samples_n_answers_and_keeps_the_majoritys(client, server):
     assert status == 400 and "/v1/chat/completions" in body["error"]["message"]
 
 
-def test_best_of_with_a_verifier_returns_its_favourite(hello_ckpt):
+def test_best_of_with_a_verifier_weighs_the_vote_by_its_scores(hello_ckpt):
     import torch
 
     from scoring import RewardModel
@@ -170,6 +170,9 @@ def test_best_of_with_a_verifier_returns_its_favourite(hello_ckpt):
                                                                 top_k=0, min_p=0.0, best_of=3))
     best = reply["best_of"]
     assert status == 200 and best["picked_by"] == "verifier" and len(set(best["scores"])) == 3
+    assert best["why"].startswith("verifier-weighted vote")
+    # three different answers: one vote each, weighed by sigmoid(score), so the highest-scored one wins
+    assert len({a.strip() for a in best["answers"]}) == 3, best["answers"]
     kept = max(range(3), key=lambda i: best["scores"][i])
     assert reply["choices"][0]["message"]["content"] == best["answers"][kept]
 
