@@ -13,7 +13,7 @@ inference.py -- talk to a trained model.
     python inference.py --ckpt smollm2 --memory me.db     # remembers across restarts; /remember, /forget (memory.py)
     python inference.py --ckpt smollm2 --mcp "python mcp_server.py --docs notes/"   # tools of any MCP server
     python inference.py --ckpt weight/sft_cot --best_of 8 # self-consistency: 8 sampled answers, the majority wins
-    python inference.py --best_of 8 --verifier weight/verifier   # best-of-8: the vote, weighed by the verifier (verifier.py)
+    python inference.py --best_of 8 --verifier weight/verifier   # best-of-8: the vote weighed by verifier.py
 
 Generation (engine.py, model.py): the prompt goes through the model once (prefill,
 filling a KV cache sized for prompt + answer), then one token per step, each step

@@ -43,8 +43,9 @@ personal server.
 Best of N (inference-time scaling): a chat request with "best_of": N (OpenAI's name, from its
 completions API) has N answers sampled together and gets one back: the first answer reaching
 the final answer most of them reach (self-consistency); with --verifier (verifier.py) each
-answer's vote weighs sigmoid(its score), and of the winners the highest-scored one is kept. The response's "best_of" field shows every answer and why
-one was kept; usage counts all N. Not with streaming: the choice needs every answer finished.
+answer's vote weighs sigmoid(its score), and of the winners the highest-scored one is kept.
+The response's "best_of" field shows every answer and why one was kept; usage counts all N.
+Not with streaming: the choice needs every answer finished.
 
 Built-in tools (--tools calculator,search,memory): GET /v1/models lists their schemas and
 POST /v1/tools/call {"name", "arguments"} runs one ({"content": result text}); the web page
