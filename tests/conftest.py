@@ -1,6 +1,10 @@
 """Tests import the project's modules from the repository root; shared fixtures for the chat stages."""
+import os
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):      # pytest -n 2: two worker processes share the cores, one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")          # (set before torch is imported; subprocesses inherit it)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
