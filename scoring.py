@@ -20,7 +20,6 @@ evaluation.py is the command-line tool around them.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -298,7 +297,7 @@ def pick_best(answers: list[str], scores: list[float] | None = None) -> tuple[in
     breaks the vote's ties and can outvote a majority it is sure is wrong. Not its favourite alone: a
     verifier right on two pairs of three picked worse than the plain vote on the held-out tasks (best of
     8: 35.0% against 47.5%), weighting the vote by it gave 48.3% (docs/reasoning.md)."""
-    weights = None if scores is None else [1 / (1 + math.exp(-s)) for s in scores]
+    weights = None if scores is None else torch.sigmoid(torch.tensor(scores, dtype=torch.float64)).tolist()
     totals = vote_totals(answers, weights)
     winner = max(totals, key=totals.get)
     reaching = [i for i, a in enumerate(answers) if marked_answer(a) == winner]

@@ -34,6 +34,8 @@ def test_a_verifier_weighs_the_votes_it_breaks_ties_and_outvotes_a_majority_it_i
     assert pick_best(["Answer: 42"] * 3 + ["Answer: 41"], [0.5, 0.5, 0.5, 3.0])[0] == 0
     # three 42s it is sure are wrong (0.05 each) do not
     assert pick_best(["Answer: 42"] * 3 + ["Answer: 41"], [-3.0, -3.0, -3.0, 3.0])[0] == 3
+    # any score is a weight, however far out (a plain exp(-score) overflows at -710)
+    assert pick_best(["a", "b"], [-800.0, 2.0])[0] == 1 and pick_best(["a", "b"], [800.0, 2.0])[0] == 0
 
 
 def test_scaling_report_counts_per_item_and_family():
