@@ -48,7 +48,7 @@ from data.persona import knowledge_check, knowledge_line, knowledge_metrics, per
 from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX, moe_aux_loss
 from runtime import finish, setup_runtime
-from scoring import answerer, before_and_after, greedy_answers, task_accuracy
+from scoring import answerer, before_and_after, change_line, greedy_answers, task_accuracy
 from tokenizer.chat import render_chat
 from training import (TrainConfig, check_train_config, pretrained_defaults_note, resumed_flags, run_training,
                       write_metrics)
@@ -289,7 +289,7 @@ def main(argv=None):
         write_metrics(Path(cfg.out_dir), metrics)
         print(f"dpo: held-out preference accuracy {prefs['preference_accuracy']:.1%}, reward margin "
               f"{prefs['reward_margin']:.3f}; task accuracy {task_before['accuracy']:.1%} -> "
-              f"{task_after['accuracy']:.1%}" + (f", {knowledge_line(known_before, known_after)}" if persona else "")
+              f"{task_after['accuracy']:.1%}, {change_line(metrics)}" + (f", {knowledge_line(known_before, known_after)}" if persona else "")
               + f" -> {cfg.out_dir}/")
     finish(rt)
 

@@ -329,7 +329,8 @@ def evaluate_checkpoint(model, tokenizer, tasks: str = "all", data: str | Path =
     if "chat" in own:
         if Path(data).resolve() == DEFAULT_EVAL_DATA.resolve():
             build_default_chat_data(DEFAULT_CHAT_DIR)
-        report["chat"] = exact_match_report(model, tokenizer, list(read_conversations(data)), max_new_tokens)
+        chat = exact_match_report(model, tokenizer, list(read_conversations(data)), max_new_tokens)
+        report["chat"] = {k: v for k, v in chat.items() if k != "right"}   # per item: 400 lines of metrics.json
     if "choice" in own:
         if Path(choice_data).resolve() == DEFAULT_CHOICE_PATH.resolve() and not DEFAULT_CHOICE_PATH.exists():
             write_jsonl(DEFAULT_CHOICE_PATH, build_choice_items())

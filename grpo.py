@@ -47,7 +47,7 @@ from engine import generate, left_pad
 from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX
 from runtime import finish, setup_runtime
-from scoring import before_and_after, exact_match_report, format_report, is_right
+from scoring import before_and_after, change_line, exact_match_report, format_report, is_right
 from tokenizer.chat import render_chat
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
 from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only
@@ -239,9 +239,9 @@ def main(argv=None):
         write_metrics(Path(cfg.out_dir), metrics)
         for e in after["examples"][::3]:
             print(f"  [{e['family']}] {e['prompt']!r} -> {e['answer']!r}")
-        print(f"grpo: accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}, mean reward "
-              f"{metrics['mean_reward_first']:.2f} -> {metrics['mean_reward_last']:.2f} in {result['seconds']:.0f}s "
-              f"of training -> {cfg.out_dir}/")
+        print(f"grpo: accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}, {change_line(metrics)}, "
+              f"mean reward {metrics['mean_reward_first']:.2f} -> {metrics['mean_reward_last']:.2f} in "
+              f"{result['seconds']:.0f}s of training -> {cfg.out_dir}/")
     finish(rt)
 
 

@@ -20,6 +20,7 @@ evaluation.py is the command-line tool around them.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -70,13 +71,14 @@ def is_right(answer: str, record: dict) -> bool:
 
 def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
                        examples: int = 3) -> dict:
-    """{"accuracy": overall 0-1, "accuracy_by_family": {...}, "n": ..., "examples": [...]}."""
+    """{"accuracy": overall 0-1, "accuracy_by_family": {...}, "n": ..., "examples": [...], "right": [bool per record]}."""
     answers = greedy_answers(model, tokenizer, [r["conversations"] for r in records], max_new_tokens)
     right, total = defaultdict(int), defaultdict(int)
-    shown = []
+    shown, rights = [], []                                                  # rights: per item, in order
     for record, answer in zip(records, answers):
         expected = record["conversations"][-1]["content"]
         ok = is_right(answer, record)
+        rights.append(ok)
         family = record.get("family", "user")
         right[family] += ok
         total[family] += 1
@@ -85,7 +87,7 @@ def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: in
                           "expected": expected, "answer": answer, "correct": ok})
     by_family = {f: right[f] / total[f] for f in sorted(total)}
     return {"accuracy": sum(right.values()) / max(1, sum(total.values())), "accuracy_by_family": by_family,
-            "n": sum(total.values()), "examples": shown}
+            "n": sum(total.values()), "examples": shown, "right": rights}
 
 
 def format_report(report: dict) -> str:
@@ -102,10 +104,38 @@ def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, la
 
 def before_and_after(before: dict, after: dict) -> dict:
     """The task-accuracy keys of a chat stage's metrics.json, after training and before it, with the
-    first answers of each family both times (the report card shows them side by side)."""
+    first answers of each family both times (the report card shows them side by side), and how many
+    items changed from wrong to right and back (see answers_changed)."""
     return {"accuracy": after["accuracy"], "accuracy_by_family": after["accuracy_by_family"],
             "accuracy_before": before["accuracy"], "accuracy_by_family_before": before["accuracy_by_family"],
-            "examples": after["examples"], "examples_before": before["examples"]}
+            "examples": after["examples"], "examples_before": before["examples"],
+            **answers_changed(before["right"], after["right"])}
+
+
+def sign_test_p(gained: int, lost: int) -> float:
+    """Two-sided sign test: if a stage changed nothing but luck, each changed item would be a coin flip
+    (as likely gained as lost); p is the chance of a split at least this uneven. Small p: a real change."""
+    n, fewer = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(fewer + 1)) / 2 ** n           # P(at most `fewer` heads of n)
+    return min(1.0, 2 * tail)
+
+
+def answers_changed(right_before: list[bool], right_after: list[bool]) -> dict:
+    """The same held-out items before and after a stage: most keep their answer, so the accuracies' difference
+    is made of a few items that flipped. {"answers_gained": wrong -> right, "answers_lost": right -> wrong,
+    "sign_test_p": ...}: 9 gained and 3 lost of 400 is +1.5 points, and p = 0.15, within the noise."""
+    gained = sum(1 for b, a in zip(right_before, right_after) if a and not b)
+    lost = sum(1 for b, a in zip(right_before, right_after) if b and not a)
+    return {"answers_gained": gained, "answers_lost": lost, "sign_test_p": round(sign_test_p(gained, lost), 4)}
+
+
+def change_line(metrics: dict) -> str:
+    """'9 answers gained and 3 lost (sign test p = 0.15: within the noise)' from before_and_after's keys."""
+    p = metrics["sign_test_p"]
+    verdict = "a real change" if p < 0.05 else "within the noise"
+    return f"{metrics['answers_gained']} answers gained and {metrics['answers_lost']} lost (sign test p = {p:.2g}: {verdict})"
 
 
 def answer_loss_evaluator(examples, batch_size: int, collate_fn, device):

@@ -1,5 +1,7 @@
 """GRPO: group advantages, the clipped objective and its KL term by hand, sampled answers' targets,
-a gradient step that makes the rewarded answer likelier, and grpo.py end to end on a tiny model."""
+a gradient step that makes the rewarded answer likelier, and grpo.py end to end on a tiny model; the
+paired count of answers a stage gained and lost, with its sign test."""
+import itertools
 import json
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 import full_sft
 import grpo
 from model import IGNORE_INDEX
+from scoring import answers_changed, change_line, sign_test_p
 from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
 
 
@@ -93,6 +96,24 @@ def test_one_step_makes_the_rewarded_answer_likelier_and_the_other_less_likely(t
     assert after[0] > before[0] and after[1] < before[1]
 
 
+@pytest.mark.parametrize("gained,lost", [(0, 0), (1, 0), (9, 3), (3, 9), (6, 6), (10, 1)])
+def test_the_sign_test_is_the_share_of_coin_flip_outcomes_at_least_as_uneven(gained, lost):
+    n = gained + lost                    # every way n changed items could have gone, each as likely
+    uneven = abs(gained - lost)
+    outcomes = list(itertools.product((1, -1), repeat=n))
+    as_uneven = sum(1 for o in outcomes if abs(sum(o)) >= uneven) / len(outcomes)
+    assert sign_test_p(gained, lost) == pytest.approx(as_uneven)
+
+
+def test_answers_changed_counts_the_items_that_flipped_between_two_runs():
+    before = [True, True, False, False, True, False]
+    after = [True, False, True, True, True, False]
+    changed = answers_changed(before, after)
+    assert (changed["answers_gained"], changed["answers_lost"]) == (2, 1)
+    assert changed["sign_test_p"] == pytest.approx(1.0)          # 2 against 1: anything but a real change
+    assert change_line({**changed, "sign_test_p": 0.01}).endswith("(sign test p = 0.01: a real change)")
+
+
 def test_grpo_runs_end_to_end_and_reports_the_held_out_accuracy_per_family(tiny_sft, tiny_pretrained, tmp_path,
                                                                           monkeypatch):
     # the tiny model is never right; a checker that likes answers of even length rewards some samples of a group
@@ -108,6 +129,8 @@ def test_grpo_runs_end_to_end_and_reports_the_held_out_accuracy_per_family(tiny_
     assert set(metrics["accuracy_by_family"]) == set(sft["accuracy_by_family"])    # the same held-out set
     assert metrics["accuracy_before"] == pytest.approx(sft["accuracy"])            # ... and the same scorer
     assert metrics["steps"] == 3 and 0 < metrics["mean_reward_first"] < 1
+    n = sum(1 for _ in open(tiny_pretrained / "eval.jsonl"))    # the accuracies' difference is made of flipped items
+    assert metrics["answers_gained"] - metrics["answers_lost"] == round((metrics["accuracy"] - metrics["accuracy_before"]) * n)
     rows = (out / "grpo.csv").read_text().splitlines()
     # one row per batch of samples: steps 1 and 3 sampled, step 2 (--updates 2) reused step 1's samples
     assert rows[0].split(",") == ["step", "reward", "answer_tokens", "kl", "groups_learning"] and len(rows) == 3
