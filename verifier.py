@@ -85,13 +85,14 @@ def pair_accuracy(reward_model, pairs, pad_id: int, device, batch_size: int = 64
     return torch.cat(losses).mean().item(), torch.cat(right).mean().item()
 
 
-def best_of_k(reward_model, tokenizer, records: list[dict], n: int, max_new_tokens: int, seed: int = 0,
+def best_of_k(reward_model, policy, tokenizer, records: list[dict], n: int, max_new_tokens: int, seed: int = 0,
               orders: int = 16) -> dict:
-    """n sampled answers per held-out record; for k = 1, 2, 4, ... n: best-of-k (the verifier's top-scored of k
-    samples is right), the vote weighted by the verifier (scoring.pick_best, what inference.py and serve.py
-    keep), maj@k and pass@k on the same samples, each averaged over `orders` random draws of k."""
-    backbone = reward_model.backbone
-    samples = sampled_answers(backbone, tokenizer, [r["conversations"] for r in records], n, max_new_tokens,
+    """n answers per held-out record sampled from the policy (the model whose answers are picked: the SFT
+    model, not the verifier's own backbone, which training changed); for k = 1, 2, 4, ... n: best-of-k (the
+    verifier's top-scored of k samples is right), the vote weighted by the verifier (scoring.pick_best, what
+    inference.py and serve.py keep), maj@k and pass@k on the same samples, each averaged over `orders`
+    random draws of k."""
+    samples = sampled_answers(policy, tokenizer, [r["conversations"] for r in records], n, max_new_tokens,
                               temperature=1.0, seed=seed)
     scores = [score_answers(reward_model, tokenizer, r["conversations"][:-1], answers) for r, answers in zip(records, samples)]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
@@ -185,7 +186,9 @@ def main(argv=None):
                    "steps": result["step"], "seconds": round(result["seconds"], 1),
                    "wall_seconds": round(time.time() - started, 1)}
         if cfg.best_of:
-            metrics["best_of"] = best_of_k(best, tokenizer, eval_records, cfg.best_of, cfg.max_new_tokens, cfg.seed)
+            policy, _ = load_decoder_only(cfg.init_from, rt.device, "verifier.py")      # as it was before training
+            metrics["best_of"] = best_of_k(best, policy.eval(), tokenizer, eval_records, cfg.best_of,
+                                           cfg.max_new_tokens, cfg.seed)
         write_metrics(Path(cfg.out_dir), metrics)
         print(f"verifier: held-out pair accuracy {accuracy:.1%} ({len(held_out)} pairs of the model's own right and "
               f"wrong answers) -> {cfg.out_dir}/")

@@ -1,5 +1,6 @@
 """The verifier (reward model): scores read at the answer's last token, a Bradley-Terry step that ranks
 the chosen answer higher, and verifier.py end to end with best-of-k."""
+import copy
 import json
 
 import torch
@@ -45,6 +46,10 @@ def test_verifier_trains_on_right_and_wrong_answers_and_picks_best_of_k(tiny_pre
     (tmp_path / "chat").mkdir()
     for name in ("train", "eval"):
         (tmp_path / "chat" / f"sft_{name}.jsonl").write_text((tiny_pretrained / f"{name}.jsonl").read_text())
+    sampled_from = []                                        # the model each call of sampled_answers samples
+    real = verifier.sampled_answers
+    monkeypatch.setattr(verifier, "sampled_answers",
+                        lambda model, *a, **k: sampled_from.append(copy.deepcopy(model.state_dict())) or real(model, *a, **k))
     out = tmp_path / "verifier"
     verifier.main(["--init_from", str(tiny_pretrained / "ckpt"), "--out_dir", str(out), "--prompts", "30",
                    "--eval_prompts", "8", "--samples", "4", "--max_new_tokens", "3", "--max_steps", "4",
@@ -56,6 +61,10 @@ def test_verifier_trains_on_right_and_wrong_answers_and_picks_best_of_k(tiny_pre
     for picker in ("best_of_k", "weighted_vote_at_k", "maj_at_k"):   # of all 4 samples, no pick beats "one is right"
         assert 0 <= best[picker]["4"] <= best["pass_at_k"]["4"]
     reward_model, tokenizer = verifier.load_verifier(out)
+    # best-of-k ranks the policy's answers (the starting model), not answers of the verifier's trained backbone
+    policy, _ = load_checkpoint(tiny_pretrained / "ckpt")
+    assert all(torch.equal(sampled_from[-1][name], w) for name, w in policy.state_dict().items())
+    assert not all(torch.equal(w, reward_model.backbone.state_dict()[name]) for name, w in policy.state_dict().items())
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
     assert len(verifier.score_answers(reward_model, tokenizer, conversation, ["a", "bb", "ccc"])) == 3
     assert load_checkpoint_tokenizer(out).encode("hello") == tokenizer.encode("hello")
