@@ -289,8 +289,8 @@ def main(argv=None):
         write_metrics(Path(cfg.out_dir), metrics)
         print(f"dpo: held-out preference accuracy {prefs['preference_accuracy']:.1%}, reward margin "
               f"{prefs['reward_margin']:.3f}; task accuracy {task_before['accuracy']:.1%} -> "
-              f"{task_after['accuracy']:.1%}, {change_line(metrics)}" + (f", {knowledge_line(known_before, known_after)}" if persona else "")
-              + f" -> {cfg.out_dir}/")
+              f"{task_after['accuracy']:.1%}, {change_line(metrics)}"
+              + (f", {knowledge_line(known_before, known_after)}" if persona else "") + f" -> {cfg.out_dir}/")
     finish(rt)
 
 

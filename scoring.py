@@ -71,7 +71,8 @@ def is_right(answer: str, record: dict) -> bool:
 
 def exact_match_report(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
                        examples: int = 3) -> dict:
-    """{"accuracy": overall 0-1, "accuracy_by_family": {...}, "n": ..., "examples": [...], "right": [bool per record]}."""
+    """{"accuracy": overall 0-1, "accuracy_by_family": {...}, "n": ..., "examples": [...],
+    "right": [True or False for each record, in order]}."""
     answers = greedy_answers(model, tokenizer, [r["conversations"] for r in records], max_new_tokens)
     right, total = defaultdict(int), defaultdict(int)
     shown, rights = [], []                                                  # rights: per item, in order
