@@ -7,6 +7,8 @@ on held-out answers.
     scaling_report(records, sampled_answers(...))   n sampled answers each: pass@k (one of k is right)
                                                     and maj@k (self-consistency: the majority is right)
     answer_loss_evaluator(examples, ...)            for the training loop: mean loss per answer token
+    answers_changed(right_before, right_after)      the held-out items a stage gained and lost, and the
+                                                    sign test's p: a real change or the noise of 400 items
     bootstrap_interval(values), centred(score, chance)   how sure a benchmark score is, and how far
                                                     above chance it lies (evaluation.py's benchmarks)
     pick_best(answers, score_answers(verifier, ...))   best of N: the majority vote, each answer's vote
