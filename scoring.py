@@ -117,7 +117,8 @@ def before_and_after(before: dict, after: dict) -> dict:
 
 def sign_test_p(gained: int, lost: int) -> float:
     """Two-sided sign test: if a stage changed nothing but luck, each changed item would be a coin flip
-    (as likely gained as lost); p is the chance of a split at least this uneven. Small p: a real change."""
+    (as likely gained as lost); p is the chance of a split at least this uneven. Small p: unlikely to be
+    luck alone."""
     n, fewer = gained + lost, min(gained, lost)
     if n == 0:
         return 1.0
@@ -129,16 +130,18 @@ def answers_changed(right_before: list[bool], right_after: list[bool]) -> dict:
     """The same held-out items before and after a stage: most keep their answer, so the accuracies' difference
     is made of a few items that flipped. {"answers_gained": wrong -> right, "answers_lost": right -> wrong,
     "sign_test_p": ...}: 9 gained and 3 lost of 400 is +1.5 points, and p = 0.15, within the noise."""
+    assert len(right_before) == len(right_after), "before and after must score the same items"
     gained = sum(1 for b, a in zip(right_before, right_after) if a and not b)
     lost = sum(1 for b, a in zip(right_before, right_after) if b and not a)
-    return {"answers_gained": gained, "answers_lost": lost, "sign_test_p": round(sign_test_p(gained, lost), 4)}
+    return {"answers_gained": gained, "answers_lost": lost, "sign_test_p": sign_test_p(gained, lost)}
 
 
 def change_line(metrics: dict) -> str:
     """'9 answers gained and 3 lost (sign test p = 0.15: within the noise)' from before_and_after's keys."""
     p = metrics["sign_test_p"]
-    verdict = "a real change" if p < 0.05 else "within the noise"
-    return f"{metrics['answers_gained']} answers gained and {metrics['answers_lost']} lost (sign test p = {p:.2g}: {verdict})"
+    verdict = "outside the noise" if p < 0.05 else "within the noise"
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+    return f"{metrics['answers_gained']} answers gained and {metrics['answers_lost']} lost (sign test {shown}: {verdict})"
 
 
 def answer_loss_evaluator(examples, batch_size: int, collate_fn, device):

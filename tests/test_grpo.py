@@ -111,7 +111,8 @@ def test_answers_changed_counts_the_items_that_flipped_between_two_runs():
     changed = answers_changed(before, after)
     assert (changed["answers_gained"], changed["answers_lost"]) == (2, 1)
     assert changed["sign_test_p"] == pytest.approx(1.0)          # 2 against 1: anything but a real change
-    assert change_line({**changed, "sign_test_p": 0.01}).endswith("(sign test p = 0.01: a real change)")
+    assert change_line({**changed, "sign_test_p": 0.01}).endswith("(sign test p = 0.01: outside the noise)")
+    assert "(sign test p < 0.001: outside" in change_line({**changed, "sign_test_p": 2e-7})
 
 
 def test_grpo_runs_end_to_end_and_reports_the_held_out_accuracy_per_family(tiny_sft, tiny_pretrained, tmp_path,
@@ -129,7 +130,7 @@ def test_grpo_runs_end_to_end_and_reports_the_held_out_accuracy_per_family(tiny_
     assert set(metrics["accuracy_by_family"]) == set(sft["accuracy_by_family"])    # the same held-out set
     assert metrics["accuracy_before"] == pytest.approx(sft["accuracy"])            # ... and the same scorer
     assert metrics["steps"] == 3 and 0 < metrics["mean_reward_first"] < 1
-    n = sum(1 for _ in open(tiny_pretrained / "eval.jsonl"))    # the accuracies' difference is made of flipped items
+    n = len((tiny_pretrained / "eval.jsonl").read_text().splitlines())   # the accuracies' difference: flipped items
     assert metrics["answers_gained"] - metrics["answers_lost"] == round((metrics["accuracy"] - metrics["accuracy_before"]) * n)
     rows = (out / "grpo.csv").read_text().splitlines()
     # one row per batch of samples: steps 1 and 3 sampled, step 2 (--updates 2) reused step 1's samples

@@ -46,10 +46,13 @@ def test_verifier_trains_on_right_and_wrong_answers_and_picks_best_of_k(tiny_pre
     (tmp_path / "chat").mkdir()
     for name in ("train", "eval"):
         (tmp_path / "chat" / f"sft_{name}.jsonl").write_text((tiny_pretrained / f"{name}.jsonl").read_text())
-    sampled_from = []                                        # the model each call of sampled_answers samples
+    sampled_from = []                                        # the weights each call of sampled_answers samples
     real = verifier.sampled_answers
-    monkeypatch.setattr(verifier, "sampled_answers",
-                        lambda model, *a, **k: sampled_from.append(copy.deepcopy(model.state_dict())) or real(model, *a, **k))
+
+    def recording(model, *args, **kwargs):
+        sampled_from.append(copy.deepcopy(model.state_dict()))
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(verifier, "sampled_answers", recording)
     out = tmp_path / "verifier"
     verifier.main(["--init_from", str(tiny_pretrained / "ckpt"), "--out_dir", str(out), "--prompts", "30",
                    "--eval_prompts", "8", "--samples", "4", "--max_new_tokens", "3", "--max_steps", "4",
