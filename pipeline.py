@@ -58,7 +58,7 @@ EVALUATED = {"pretrain": ["--ckpt", "weight/pretrain"], "sft": ["--ckpt", "weigh
 REPORT_DIR = "weight/eval"
 PROGRESS_BAR = re.compile(r"\d+%\|.*?(\d+)/(\d+)")          # a tqdm bar: "sft:  11%|█▏  | 226/2000 ..."
 TARGETS = {"pretrain": "English bpb <= 2.10", "sft": ">= 50%", "lora": "new >= 60%, old within 10 pts, < 5%",
-           "dpo": "preference >= 80%, task not below SFT", "grpo": "above SFT"}
+           "dpo": "preference >= 80%, task not below SFT", "grpo": "above SFT, sign test p < 0.05"}
 # How long each stage took on a reference machine, and how long that machine took for the
 # calibration step below: the estimate for this machine scales these by its own calibration step.
 # Measured with `python bench/bench_pipeline.py` (bench/results/pipeline-*.json).
@@ -215,9 +215,14 @@ def summary_rows(results: dict) -> list[list[tuple]]:
                      check(dpo["preference_accuracy"] >= 0.8 and dpo["accuracy"] >= dpo["accuracy_before"]),
                      wall("dpo")))
     if grpo:
-        rows.append(("grpo", "task accuracy; mean reward", f"{pct(grpo['accuracy_before'])} -> {pct(grpo['accuracy'])}; "
+        # above SFT by more than luck: most answers stay as they were, so the few that flipped are what counts
+        p = grpo.get("sign_test_p")                                   # absent from metrics of older versions
+        flipped = "" if p is None else f" (+{grpo['answers_gained']} / -{grpo['answers_lost']}, p {p:.2g})"
+        rows.append(("grpo", "task accuracy; mean reward",
+                     f"{pct(grpo['accuracy_before'])} -> {pct(grpo['accuracy'])}{flipped}; "
                      f"{grpo['mean_reward_first']:.2f} -> {grpo['mean_reward_last']:.2f}", TARGETS["grpo"],
-                     check(grpo["accuracy"] > grpo["accuracy_before"]), wall("grpo")))
+                     check(None if p is None else grpo["accuracy"] > grpo["accuracy_before"] and p < 0.05),
+                     wall("grpo")))
     if choice:
         rows.append(("eval", "multiple choice per byte (chance " + pct(next(iter(choice.values()))["chance"]) + ")",
                      ", ".join(f"{k} {pct(v['accuracy_norm'])}" for k, v in choice.items()), "", "", wall("eval")))

@@ -98,12 +98,16 @@ def test_weights_the_pipeline_did_not_train_are_never_replaced_unasked(tmp_path,
 
 def test_a_grpo_stage_asked_for_gets_its_row_and_column():
     grpo = {"accuracy": 0.6, "accuracy_before": 0.55, "mean_reward_first": 0.4, "mean_reward_last": 0.52,
-            "accuracy_by_family": {"add": 0.12, "repeat": 0.95}}
+            "accuracy_by_family": {"add": 0.12, "repeat": 0.95}, "answers_gained": 21, "answers_lost": 1,
+            "sign_test_p": 1.1e-5}
     table = pipeline.summary_table({"sft": SFT, "grpo": grpo, "seconds": {"grpo": 90.0}})
     row = lambda name: next(line for line in table.splitlines() if line.startswith(f"| {name} "))   # noqa: E731
-    assert "55.0% -> 60.0%; 0.40 -> 0.52" in row("grpo") and "| yes" in row("grpo") and "90 s" in row("grpo")
+    assert "55.0% -> 60.0% (+21 / -1, p 1.1e-05); 0.40 -> 0.52" in row("grpo")
+    assert "| yes" in row("grpo") and "90 s" in row("grpo")
     assert "95.0%" in row("repeat") and row("task family").split("|")[-2].strip() == "grpo"   # its own column
     assert "**no**" in pipeline.summary_table({"grpo": {**grpo, "accuracy": 0.55}})     # not above SFT's
+    # above SFT by 6 of 400 items that a coin could have flipped: not a gain
+    assert "**no**" in pipeline.summary_table({"grpo": {**grpo, "answers_gained": 9, "answers_lost": 3, "sign_test_p": 0.15}})
 
 
 def test_the_table_of_an_english_only_run_shows_no_chinese_figure():
