@@ -28,6 +28,7 @@ verifier could also be the reward of grpo.py where no checker can score.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def main(argv=None):
               f"{len(held_out):,} held-out pairs")
 
     # 2. train: Bradley-Terry on batches of pairs
-    reward_model = RewardModel(backbone).to(rt.device)
+    reward_model = RewardModel(copy.deepcopy(backbone)).to(rt.device)   # backbone stays the policy, untrained
     pad_id = tokenizer.eot_id
 
     def next_batch(generator):
@@ -186,9 +187,8 @@ def main(argv=None):
                    "steps": result["step"], "seconds": round(result["seconds"], 1),
                    "wall_seconds": round(time.time() - started, 1)}
         if cfg.best_of:
-            policy, _ = load_decoder_only(cfg.init_from, rt.device, "verifier.py")      # as it was before training
-            metrics["best_of"] = best_of_k(best, policy.eval(), tokenizer, eval_records, cfg.best_of,
-                                           cfg.max_new_tokens, cfg.seed)
+            metrics["best_of"] = best_of_k(best, backbone, tokenizer, eval_records, cfg.best_of, cfg.max_new_tokens,
+                                           cfg.seed)
         write_metrics(Path(cfg.out_dir), metrics)
         print(f"verifier: held-out pair accuracy {accuracy:.1%} ({len(held_out)} pairs of the model's own right and "
               f"wrong answers) -> {cfg.out_dir}/")
