@@ -40,6 +40,7 @@ from model import GPT, ModelConfig
 from optim import make_optimizer
 from report import write_report
 from runtime import resolve_device, resolve_dtype
+from scoring import NOISE_P
 from training import TrainConfig
 from weight.checkpoint import ADAPTER_FILE, RESUME_FILE, ROOT, WEIGHTS_FILE, load_checkpoint_tokenizer
 
@@ -58,7 +59,7 @@ EVALUATED = {"pretrain": ["--ckpt", "weight/pretrain"], "sft": ["--ckpt", "weigh
 REPORT_DIR = "weight/eval"
 PROGRESS_BAR = re.compile(r"\d+%\|.*?(\d+)/(\d+)")          # a tqdm bar: "sft:  11%|█▏  | 226/2000 ..."
 TARGETS = {"pretrain": "English bpb <= 2.10", "sft": ">= 50%", "lora": "new >= 60%, old within 10 pts, < 5%",
-           "dpo": "preference >= 80%, task not below SFT", "grpo": "above SFT, sign test p < 0.05"}
+           "dpo": "preference >= 80%, task not below SFT", "grpo": f"above SFT, sign test p < {NOISE_P}"}
 # How long each stage took on a reference machine, and how long that machine took for the
 # calibration step below: the estimate for this machine scales these by its own calibration step.
 # Measured with `python bench/bench_pipeline.py` (bench/results/pipeline-*.json).
@@ -221,7 +222,7 @@ def summary_rows(results: dict) -> list[list[tuple]]:
         rows.append(("grpo", "task accuracy; mean reward",
                      f"{pct(grpo['accuracy_before'])} -> {pct(grpo['accuracy'])}{flipped}; "
                      f"{grpo['mean_reward_first']:.2f} -> {grpo['mean_reward_last']:.2f}", TARGETS["grpo"],
-                     check(None if p is None else grpo["accuracy"] > grpo["accuracy_before"] and p < 0.05),
+                     check(None if p is None else grpo["accuracy"] > grpo["accuracy_before"] and p < NOISE_P),
                      wall("grpo")))
     if choice:
         rows.append(("eval", "multiple choice per byte (chance " + pct(next(iter(choice.values()))["chance"]) + ")",

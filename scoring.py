@@ -115,6 +115,9 @@ def before_and_after(before: dict, after: dict) -> dict:
             **answers_changed(before["right"], after["right"])}
 
 
+NOISE_P = 0.05      # a change whose sign test p is below this is called outside the noise (change_line, pipeline.py)
+
+
 def sign_test_p(gained: int, lost: int) -> float:
     """Two-sided sign test: if a stage changed nothing but luck, each changed item would be a coin flip
     (as likely gained as lost); p is the chance of a split at least this uneven. Small p: unlikely to be
@@ -139,7 +142,7 @@ def answers_changed(right_before: list[bool], right_after: list[bool]) -> dict:
 def change_line(metrics: dict) -> str:
     """'9 answers gained and 3 lost (sign test p = 0.15: within the noise)' from before_and_after's keys."""
     p = metrics["sign_test_p"]
-    verdict = "outside the noise" if p < 0.05 else "within the noise"
+    verdict = "outside the noise" if p < NOISE_P else "within the noise"
     shown = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
     return f"{metrics['answers_gained']} answers gained and {metrics['answers_lost']} lost (sign test {shown}: {verdict})"
 
