@@ -40,6 +40,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from atomic import atomic_path
@@ -204,6 +205,16 @@ def build_default_chat_data(out_dir: Path = DEFAULT_CHAT_DIR, n_train: int = 200
         print(f"chat data: {len(train):,} training and {len(held_out):,} held-out conversations "
               f"({', '.join(FAMILIES)}) -> {out_dir}")
     return paths
+
+
+def chat_token_stream(path: Path, tokenizer) -> np.ndarray:
+    """Every conversation of a chat file rendered with the chat template (its special tokens
+    included) and ended with <|endoftext|>, one after another: the chat share of pretraining's
+    batches (pretrain.py --chat_share), read like any text."""
+    ids = []
+    for record in read_conversations(path):
+        ids += render_chat(record["conversations"], tokenizer, where=str(path))[0] + [tokenizer.eot_id]
+    return np.array(ids, dtype=np.int64)
 
 
 def jsonl_records(path: str | Path, expected: str) -> Iterator[tuple[str, object]]:

@@ -215,11 +215,12 @@ def prepare_dataset(splits: dict[str, list[Path]], tokenizer, cache_dir: Path,
 
 
 class TokenBin:
-    """Token ids of one split, memory-mapped (the file is never loaded whole)."""
+    """Token ids of one split, memory-mapped (the file is never loaded whole) or in memory."""
 
-    def __init__(self, path: Path, dtype):
+    def __init__(self, path: Path, dtype, data: np.ndarray | None = None):
+        """data: ids already in memory (pretrain.py's chat share); path then only names them in messages."""
         self.path = Path(path)
-        self.data = np.memmap(self.path, dtype=dtype, mode="r")
+        self.data = np.memmap(self.path, dtype=dtype, mode="r") if data is None else data
 
     def __len__(self):
         return len(self.data)

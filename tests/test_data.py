@@ -133,6 +133,24 @@ def test_mixed_batches_take_rows_from_each_source(tmp_path):
         MixedBatches({"low": TokenBin(low, np.uint16)}, {"high": 1.0})
 
 
+def test_the_chat_share_of_pretraining_is_every_conversation_rendered_and_ended_like_a_document(tmp_path, tok):
+    """pretrain.py --chat_share reads SFT's conversations as a token stream: the chat template's own
+    tokens, then <|endoftext|> after each one, as after every document of the text."""
+    from data.chat_data import chat_token_stream, write_jsonl
+    from tokenizer.chat import render_chat
+    records = [{"messages": CHAT}, {"messages": [{"role": "user", "content": "Who are you?"},
+                                                 {"role": "assistant", "content": "A model."}]}]
+    write_jsonl(tmp_path / "chats.jsonl", records)
+    stream = chat_token_stream(tmp_path / "chats.jsonl", tok)
+    first = render_chat(CHAT, tok)[0]
+    assert stream.tolist()[:len(first) + 1] == first + [tok.eot_id]
+    assert (stream == tok.eot_id).sum() == 2 and stream[-1] == tok.eot_id
+    assert (stream == tok.im_start_id).sum() == 4              # user and assistant turns of each conversation
+    window = TokenBin(tmp_path / "chats.jsonl", None, stream)   # in memory: the same random windows as a .bin
+    x, y = window.random_batch(3, 8, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 8) and torch.equal(y[:, :-1], x[:, 1:])
+
+
 # --- chat data (data/chat_data.py): the formats people have, and chat advice for the rest ---
 
 CHAT = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]

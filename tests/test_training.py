@@ -366,3 +366,13 @@ def test_a_language_the_run_does_not_train_on_never_picks_the_checkpoint(tmp_pat
                                                    untrained=("val_zh",))(model, None)
     assert english["val_loss"] == pytest.approx(english["val_loss_en"]) and english["val_loss_zh"] == both["val_loss_zh"]
     assert both["val_loss"] != pytest.approx(both["val_loss_en"])          # pooled: both languages count
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chat_share", "1"], r"--chat_share 1.0: must be in \[0, 1\)"),
+    (["--zh_share", "-0.1"], r"--zh_share -0.1: must be in \[0, 1\)"),
+    (["--chat_share", "0.25", "--data", "my.txt"], "--chat_share mixes the generated chat tasks into the default corpus"),
+])
+def test_batch_shares_that_cannot_work_are_refused_before_any_data_is_read(flags, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        pretrain.main([*flags, "--out_dir", str(tmp_path / "run")])
