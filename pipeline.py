@@ -4,7 +4,6 @@ pipeline.py -- the whole workshop in one command: tokenizer -> pretrain -> SFT -
     python pipeline.py                      # every stage with its defaults (~22 min on 2 CPU cores in float32)
     python pipeline.py --overwrite          # retrain every stage, even those already done
     python pipeline.py --stages sft lora    # only some stages (the ones before must be done)
-    python pipeline.py --mid_training       # pretraining also reads the chat tasks; SFT takes 3/4 of its steps
 
 Each stage runs as its own process with exactly the command a learner would type
 (`python pretrain.py`, `python full_sft.py`, ...), so the pipeline shows nothing the
@@ -58,10 +57,6 @@ DEFAULT_STAGES = ("pretrain", "sft", "lora", "dpo", "eval")
 EVALUATED = {"pretrain": ["--ckpt", "weight/pretrain"], "sft": ["--ckpt", "weight/sft"],
              "lora": ["--lora", "weight/lora"], "dpo": ["--ckpt", "weight/dpo"], "grpo": ["--ckpt", "weight/grpo"]}
 REPORT_DIR = "weight/eval"
-# --mid_training: a quarter of each pretraining batch comes from SFT's training conversations, and SFT
-# then reaches the same accuracy in 1,200 steps instead of 1,600 (measured: docs/choices.md)
-MID_TRAINING = {"pretrain": ["--chat_share", "0.25"], "sft": ["--max_steps", "1200"]}
-MID_TRAINING_SFT_TIME = 1200 / 1600           # what the estimate scales SFT's reference time by
 PROGRESS_BAR = re.compile(r"\d+%\|.*?(\d+)/(\d+)")          # a tqdm bar: "sft:  11%|█▏  | 226/2000 ..."
 TARGETS = {"pretrain": "English bpb <= 2.10", "sft": ">= 50%", "lora": "new >= 60%, old within 10 pts, < 5%",
            "dpo": "preference >= 80%, task not below SFT", "grpo": f"above SFT, sign test p < {NOISE_P}"}
@@ -82,9 +77,6 @@ class PipelineConfig:
                              "instructions, else float32) | float32 | bfloat16", choices=["auto", "float32", "bfloat16"])
     seed: int = arg(1337, "passed to every training stage")
     estimate: bool = arg(True, "time a training step first and say how long the run will take")
-    mid_training: bool = arg(False, "pretraining also learns from SFT's training conversations (a quarter of each "
-                                    "batch), and SFT takes 1,200 steps instead of 1,600: a few minutes less, the same "
-                                    "SFT accuracy, English bpb about 0.04 higher (docs/choices.md)")
 
 
 def calibration_seconds(device: str, dtype: str) -> float:
@@ -112,12 +104,9 @@ def calibration_seconds(device: str, dtype: str) -> float:
     return min(times[2:])
 
 
-def estimate(stages: list[str], calibration: float, mid_training: bool = False) -> dict[str, float]:
+def estimate(stages: list[str], calibration: float) -> dict[str, float]:
     """Seconds each stage should take here: the reference machine's, scaled by the calibration step."""
-    seconds = {name: REFERENCE["seconds"][name] * calibration / REFERENCE["calibration_seconds"] for name in stages}
-    if mid_training and "sft" in seconds:
-        seconds["sft"] *= MID_TRAINING_SFT_TIME
-    return seconds
+    return {name: REFERENCE["seconds"][name] * calibration / REFERENCE["calibration_seconds"] for name in stages}
 
 
 def minutes(seconds: float) -> str:
@@ -304,7 +293,7 @@ def main(argv=None):
     planned = {name: 0.0 for name in todo}
     if cfg.estimate and todo:
         step = calibration_seconds(cfg.device, cfg.dtype)
-        planned = estimate(todo, step, cfg.mid_training)
+        planned = estimate(todo, step)
         print(f"pipeline: {', '.join(todo)}: about {minutes(sum(planned.values()))} on this machine ("
               + ", ".join(f"{name} {minutes(s)}" for name, s in planned.items())
               + f"): a training step took {step:.2f} s here, {REFERENCE['calibration_seconds']:.2f} s on the "
@@ -321,7 +310,6 @@ def main(argv=None):
             show(f"=== {name}: {out_dir}/metrics.json exists, kept (--overwrite retrains it)")
             continue
         extra = ["--device", cfg.device, "--dtype", cfg.dtype, "--seed", str(cfg.seed)]
-        extra += MID_TRAINING.get(name, []) if cfg.mid_training else []
         started_mark = logs / f"{name}.started"       # "the pipeline began this stage": removed when it ends
         if not cfg.overwrite and (folder / RESUME_FILE).exists():
             extra.append("--resume")           # cut off midway: go on from its last evaluation

@@ -14,9 +14,10 @@ Steps: build the corpus and tokenizer if missing -> tokenize once into .bin file
 train on random windows: the loss is the cross-entropy of every next token ->
 evaluate bits per byte on held-out text -> weight/pretrain/.
 
-Mid-training (--chat_share): part of each batch comes from SFT's training conversations, read
-like any text, so the model meets the chat template's tokens and the tasks' words before SFT;
-SFT then reaches the same accuracy in three quarters of its steps (docs/choices.md).
+Mid-training (--chat_share, off by default): part of each batch comes from SFT's training
+conversations, read like any text, so the model meets the chat template's tokens and the
+tasks' words before SFT. SFT starts further on, but did not need fewer steps for it
+(measured in docs/choices.md).
 
 Bits per byte (bpb) = total cross-entropy in bits / number of UTF-8 bytes predicted.
 Unlike loss per token, it does not depend on the tokenizer, so any two runs compare.
@@ -54,7 +55,7 @@ class PretrainConfig(TrainConfig):
                                 "(its natural share is about a third; less leaves more for English)")
     chat_share: float = arg(0.0, "default corpus: share of each batch taken from SFT's training conversations "
                                  "(mid-training: SFT then starts from a model that knows the chat format; "
-                                 "0.25 with full_sft.py --max_steps 1200, see docs/choices.md)")
+                                 "measured in docs/choices.md)")
     cache_dir: str = arg("data/cache", "where tokenized user data (--data) is cached")
     objective: str = arg("auto", "next_token: predict every next token (decoder-only); next_span: the encoder reads "
                                  "the first half of a window, the decoder writes the second half (encoder-decoder); "

@@ -4,7 +4,6 @@ steps, tokens per second and wall time of each stage, in one JSON record per run
 
     python bench/bench_pipeline.py                       # float32, seed 1337, every core
     python bench/bench_pipeline.py --seed 1 --cores 1    # another seed, on one core (like taskset -c 0)
-    python bench/bench_pipeline.py --mid_training        # python pipeline.py --mid_training
     python bench/bench_pipeline.py --summary             # the spread over every record in bench/results/
 
 Each run clones the repository's HEAD into a temporary folder (its own corpus, tokenizer,
@@ -45,7 +44,7 @@ TARGETS = {
 }
 
 
-def run(seed: int, cores: int, dtype: str, keep: bool, mid_training: bool = False) -> dict:
+def run(seed: int, cores: int, dtype: str, keep: bool) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     subprocess.run(["git", "clone", "-q", str(ROOT), str(folder / "repo")], check=True)
     repo = folder / "repo"
@@ -56,19 +55,16 @@ def run(seed: int, cores: int, dtype: str, keep: bool, mid_training: bool = Fals
         env.update(OMP_NUM_THREADS=str(cores), MKL_NUM_THREADS=str(cores))
         chosen = sorted(os.sched_getaffinity(0))[:cores]
         preexec = lambda: os.sched_setaffinity(0, chosen)   # noqa: E731  (what `taskset -c 0` does)
-    recipe = "mid_training" if mid_training else "default"
-    print(f"bench_pipeline: seed {seed}, {cores or os.cpu_count()} core(s), {dtype}, {recipe} recipe, commit {head}, "
-          f"in {repo}")
+    print(f"bench_pipeline: seed {seed}, {cores or os.cpu_count()} core(s), {dtype}, commit {head}, in {repo}")
     started = time.time()
     with open(folder / "pipeline.log", "wb") as log:
-        command = [sys.executable, "pipeline.py", "--dtype", dtype, "--seed", str(seed)]
-        done = subprocess.run(command + ["--mid_training"] * mid_training, cwd=repo,
+        done = subprocess.run([sys.executable, "pipeline.py", "--dtype", dtype, "--seed", str(seed)], cwd=repo,
                               env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
     wall = time.time() - started
     if done.returncode != 0:
         raise SystemExit(f"pipeline failed (exit {done.returncode}): see {folder / 'pipeline.log'}")
     results = json.loads((repo / "weight" / "pipeline.json").read_text())
-    record = {"seed": seed, "dtype": dtype, "cores": cores or os.cpu_count(), "recipe": recipe, "commit": head,
+    record = {"seed": seed, "dtype": dtype, "cores": cores or os.cpu_count(), "commit": head,
               "date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": round(wall, 1),
               "machine": machine_info("cpu"), "estimate_seconds": results.get("estimate", {}),
               "stages": {name: {"seconds": round(results["seconds"].get(name, 0.0), 1),
@@ -83,8 +79,7 @@ def run(seed: int, cores: int, dtype: str, keep: bool, mid_training: bool = Fals
     record["accuracy_by_family"] = {stage: results[stage].get("accuracy_by_family")
                                     for stage in ("sft", "lora", "dpo")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / (f"pipeline-{time.strftime('%Y%m%d-%H%M')}-seed{seed}-{record['cores']}core"
-                     + ("-mid" if mid_training else "") + ".json")
+    out = RESULTS / f"pipeline-{time.strftime('%Y%m%d-%H%M')}-seed{seed}-{record['cores']}core.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print_record(record)
     print(f"-> {out}")
@@ -94,8 +89,7 @@ def run(seed: int, cores: int, dtype: str, keep: bool, mid_training: bool = Fals
 
 
 def print_record(record: dict):
-    print(f"seed {record['seed']}, {record['cores']} core(s), {record['dtype']}, {record.get('recipe', 'default')} "
-          f"recipe: pipeline {record['wall_seconds'] / 60:.1f} min")
+    print(f"seed {record['seed']}, {record['cores']} core(s), {record['dtype']}: pipeline {record['wall_seconds'] / 60:.1f} min")
     for name, stage in record["stages"].items():
         tok_s = f", {stage['tokens_per_second']:,.0f} tok/s" if stage.get("tokens_per_second") else ""
         print(f"  {name:8s} {stage['seconds']:6.0f} s, {stage.get('steps') or '-'} steps{tok_s}")
@@ -108,9 +102,9 @@ def summary():
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("pipeline-*.json"))]
     if not records:
         raise SystemExit(f"no records in {RESULTS}: run python bench/bench_pipeline.py first")
-    for recipe, cores in sorted({(r.get("recipe", "default"), r["cores"]) for r in records}):
-        runs = [r for r in records if r["cores"] == cores and r.get("recipe", "default") == recipe]
-        print(f"{len(runs)} run(s) of the {recipe} recipe on {cores} core(s): seeds {[r['seed'] for r in runs]}, "
+    for cores in sorted({r["cores"] for r in records}):
+        runs = [r for r in records if r["cores"] == cores]
+        print(f"{len(runs)} run(s) on {cores} core(s): seeds {[r['seed'] for r in runs]}, "
               f"wall {min(r['wall_seconds'] for r in runs) / 60:.1f}-{max(r['wall_seconds'] for r in runs) / 60:.1f} min")
         for name in TARGETS:
             values = [r["targets"][name]["value"] for r in runs]
@@ -124,13 +118,12 @@ def main():
     parser.add_argument("--seed", type=int, default=1337, help="passed to every stage")
     parser.add_argument("--cores", type=int, default=0, help="run on this many cores only (0 = all)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
-    parser.add_argument("--mid_training", action="store_true", help="python pipeline.py --mid_training")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone (its log and checkpoints)")
     parser.add_argument("--summary", action="store_true", help="only summarise the records in bench/results/")
     args = parser.parse_args()
     if args.summary:
         return summary()
-    run(args.seed, args.cores, args.dtype, args.keep, args.mid_training)
+    run(args.seed, args.cores, args.dtype, args.keep)
 
 
 if __name__ == "__main__":

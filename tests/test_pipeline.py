@@ -154,25 +154,6 @@ def test_every_stage_gets_the_pipelines_seed_device_and_dtype_and_eval_scores_ea
     assert "Report card" in card and "0.0% -&gt; 55.0%" in card and "data:image/png;base64," in card
 
 
-def test_mid_training_gives_pretraining_its_chat_share_and_sft_three_quarters_of_its_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
-    ran = {}
-
-    def fake_run(name, command, log_path, **_):
-        ran[name] = command
-        folder = tmp_path / pipeline.STAGES[name][1]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps({"pretrain": PRE, "sft": SFT, "lora": LORA}[name]))
-        return 1.0
-    monkeypatch.setattr(pipeline, "run_stage", fake_run)
-    monkeypatch.chdir(tmp_path)
-    pipeline.main(["--mid_training", "--stages", "pretrain", "sft", "lora", "--no-estimate"])
-    assert ran["pretrain"][-2:] == ["--chat_share", "0.25"] and ran["sft"][-2:] == ["--max_steps", "1200"]
-    assert "--chat_share" not in ran["lora"] and "--max_steps" not in ran["lora"]
-    plain, mid = pipeline.estimate(["pretrain", "sft"], 1.0), pipeline.estimate(["pretrain", "sft"], 1.0, True)
-    assert mid["pretrain"] == plain["pretrain"] and mid["sft"] == pytest.approx(plain["sft"] * 0.75)
-
-
 def test_unknown_stages_are_refused_with_the_list():
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, grpo, eval"):
         pipeline.main(["--stages", "sfft"])
