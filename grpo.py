@@ -1,13 +1,21 @@
 """
 grpo.py -- reinforcement learning with verifiable rewards: sample answers, check them, reinforce the right ones.
 
-    python grpo.py                                # weight/sft + the chat tasks' training prompts -> weight/grpo/
+    python grpo.py                                # weight/sft_cot + its own training prompts -> weight/grpo/
+    python grpo.py --init_from weight/sft         # from the model that answers directly (full_sft.py's default)
     python grpo.py --group_size 16 --kl_coef 0.02 --families reverse upper
     python grpo.py --updates 2                    # two gradient steps on each batch of samples (clipping at work)
 
 SFT shows the model right answers; here the model writes its own and learns from how they
 score. The chat tasks can be checked exactly (the held-out scores of full_sft.py are exact
 match), so the reward needs no reward model: 1 when the answer is right, else 0.
+
+It starts from the model that works its answers out (`python full_sft.py --data cot --max_new_tokens
+64 --out_dir weight/sft_cot`, data/cot.py) and practises on that model's own training prompts,
+scored on its held-out set. There GRPO has something to work with: the worked answers are
+right often enough that a group of samples holds right and wrong ones, and the measured gain is
+larger than luck (docs/reasoning.md). From the model that answers directly, most groups were all
+wrong or all right, and the gain stayed within the noise.
 
 GRPO (Shao et al., 2024, DeepSeekMath), step by step, for a batch of prompts:
 1. Sample a group of G answers to each prompt from the current model (the KV-cache
@@ -42,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, collate, read_conversations
+from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, collate, read_conversations, sft_data_of
+from data.cot import COT_FAMILIES
 from engine import generate, left_pad
 from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX
@@ -55,18 +64,24 @@ from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_d
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    data: str = arg("", "prompts with checkable answers (.jsonl chat records); empty = the chat tasks' training set")
-    eval_data: str = arg("", "held-out records for accuracy; empty = the chat tasks' held-out set (as full_sft.py)")
-    families: tuple = arg((), "train only on these task families (empty = all)", nargs="*", type=str)
+    data: str = arg("", "prompts with checkable answers (.jsonl chat records); empty = the training set the "
+                        "--init_from model was fine-tuned on")
+    eval_data: str = arg("", "held-out records for accuracy; empty = that model's held-out set (full_sft.py's)")
+    families: tuple = arg(COT_FAMILIES, "train only on these task families (default: the ones that need computation, "
+                                        "where SFT is weakest; --families alone = every family)", nargs="*", type=str)
     group_size: int = arg(8, "answers sampled per prompt (G)")
     temperature: float = arg(0.7, "sampling temperature of the answers (the policy trained is the tempered one)")
     clip_eps: float = arg(0.2, "the policy ratio is clipped to [1 - eps, 1 + eps]")
     kl_coef: float = arg(0.04, "weight of the KL penalty to the starting model")
     updates: int = arg(1, "gradient steps on each batch of samples (1 = on-policy, the ratio is 1)")
-    max_new_tokens: int = arg(32, "longest answer sampled, and generated when measuring accuracy")
+    max_new_tokens: int = arg(64, "longest answer sampled, and generated when measuring accuracy (a worked "
+                                  "answer needs up to ~50 tokens)")
     check_items: int = arg(200, "training prompts answered greedily at each evaluation (the best step is kept)")
+    reward: str = arg("answer", "answer: 1 if the final answer is right, else 0; steps: a worked answer (--data cot) "
+                                "that is wrong still earns half the share of its steps that match the reference's, "
+                                "line by line (a process reward the checker can give)", choices=["answer", "steps"])
     # the shared training flags, with this stage's defaults
-    init_from: str = "weight/sft"
+    init_from: str = "weight/sft_cot"
     out_dir: str = "weight/grpo"
     max_steps: int = 120
     batch_size: int = 8              # prompts per step; each gets group_size answers
@@ -84,6 +99,19 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     group's mean, over the group's standard deviation. A group of equal rewards gets zeros."""
     mean, std = rewards.mean(dim=1, keepdim=True), rewards.std(dim=1, keepdim=True)
     return (rewards - mean) / (std + 1e-4)
+
+
+def step_reward(answer: str, record: dict) -> float:
+    """The process reward of --reward steps: 1 for a right answer; a wrong one gets 0.5 x the share of
+    the reference's worked steps (every line before its final answer) that it wrote the same, in place.
+    A direct answer has no steps, so this is the plain 0/1 reward there. In a worked addition each
+    line is one digit's sum ("tens: 6+8+1=15, 5 carry 1"), so every right sum is rewarded on its own."""
+    if is_right(answer, record):
+        return 1.0
+    steps = record["conversations"][-1]["content"].strip().split("\n")[:-1]       # the reference's steps
+    written = answer.strip().split("\n")
+    same = sum(i < len(written) and written[i].strip() == step.strip() for i, step in enumerate(steps))
+    return 0.5 * same / len(steps) if steps else 0.0
 
 
 def token_logprobs(model, x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -153,15 +181,24 @@ def main(argv=None):
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
 
-    # 2. prompts whose answers a checker can score: the chat tasks (training set, and the held-out one)
-    if not cfg.data or not cfg.eval_data:
-        build_default_chat_data(DEFAULT_CHAT_DIR, verbose=rt.is_main)
-    train = list(read_conversations(cfg.data or DEFAULT_CHAT_DIR / "sft_train.jsonl"))
-    held_out = list(read_conversations(cfg.eval_data or DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
+    # 2. prompts whose answers a checker can score: by default the ones the model was fine-tuned on (its
+    # training set, and its held-out set: the accuracy full_sft.py reported, so the two compare)
+    sft_train, sft_held_out = [], []
+    if not (cfg.data and cfg.eval_data):
+        sft_train, sft_held_out, where = sft_data_of(ckpt_config)
+        if not sft_train and where == str(DEFAULT_CHAT_DIR):          # the default chat tasks, not generated yet
+            build_default_chat_data(DEFAULT_CHAT_DIR, verbose=rt.is_main)
+            sft_train, sft_held_out, _ = sft_data_of(ckpt_config)
+    train = list(read_conversations(cfg.data)) if cfg.data else sft_train
+    held_out = list(read_conversations(cfg.eval_data)) if cfg.eval_data else sft_held_out
+    if not train or not held_out:
+        raise ValueError(f"{cfg.init_from} names no training conversations of its own (an imported model?): "
+                         "give the prompts with --data and --eval_data")
     if cfg.families:
         train = [r for r in train if r.get("family") in cfg.families]
         if not train:
-            raise ValueError(f"--families {' '.join(cfg.families)}: no training record of these families")
+            raise ValueError(f"--families {' '.join(cfg.families)}: no training record of these families; name "
+                             f"yours, or give --families alone for every family")
     check = train[:cfg.check_items]          # the best step is chosen on training prompts, never on held-out ones
 
     # 3. before
@@ -183,7 +220,8 @@ def main(argv=None):
         examples, answers = sample_groups(model, tokenizer, records, cfg.group_size, cfg.max_new_tokens,
                                           cfg.temperature, sample_rng)
         asked = [r for r in records for _ in range(cfg.group_size)]
-        rewards = torch.tensor([float(is_right(a, r)) for a, r in zip(answers, asked)])
+        score = step_reward if cfg.reward == "steps" else (lambda a, r: float(is_right(a, r)))
+        rewards = torch.tensor([score(a, r) for a, r in zip(answers, asked)])
         advantages = group_advantages(rewards.view(cfg.batch_size, cfg.group_size)).flatten()   # (P * G,)
         lengths = torch.tensor([float((y != IGNORE_INDEX).sum()) for _, y in examples])
         history.append({"reward": rewards.mean().item(), "answer_tokens": lengths.mean().item(), "kl": 0.0,

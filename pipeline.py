@@ -50,27 +50,33 @@ STAGES = {
     "sft": (["full_sft.py"], "weight/sft"),
     "lora": (["lora.py"], "weight/lora"),
     "dpo": (["dpo.py"], "weight/dpo"),
-    "grpo": (["grpo.py"], "weight/grpo"),                     # only when asked: --stages ... grpo
+    # the reasoning lab, only when asked (--stages pretrain sft_cot grpo eval): SFT on worked answers, then GRPO
+    "sft_cot": (["full_sft.py", "--data", "cot", "--max_new_tokens", "64", "--out_dir", "weight/sft_cot"],
+                "weight/sft_cot"),
+    "grpo": (["grpo.py"], "weight/grpo"),                     # starts from weight/sft_cot
 }
 DEFAULT_STAGES = ("pretrain", "sft", "lora", "dpo", "eval")
 # checkpoints that take the multiple-choice test at the end (the LoRA one is base + adapter)
 EVALUATED = {"pretrain": ["--ckpt", "weight/pretrain"], "sft": ["--ckpt", "weight/sft"],
-             "lora": ["--lora", "weight/lora"], "dpo": ["--ckpt", "weight/dpo"], "grpo": ["--ckpt", "weight/grpo"]}
+             "lora": ["--lora", "weight/lora"], "dpo": ["--ckpt", "weight/dpo"], "sft_cot": ["--ckpt", "weight/sft_cot"],
+             "grpo": ["--ckpt", "weight/grpo"]}
 REPORT_DIR = "weight/eval"
 PROGRESS_BAR = re.compile(r"\d+%\|.*?(\d+)/(\d+)")          # a tqdm bar: "sft:  11%|█▏  | 226/2000 ..."
 TARGETS = {"pretrain": "English bpb <= 2.10", "sft": ">= 50%", "lora": "new >= 60%, old within 10 pts, < 5%",
-           "dpo": "preference >= 80%, task not below SFT", "grpo": f"above SFT, sign test p < {NOISE_P}"}
+           "dpo": "preference >= 80%, task not below SFT", "sft_cot": ">= 50%",
+           "grpo": f"above sft_cot, sign test p < {NOISE_P}"}
 # How long each stage took on a reference machine, and how long that machine took for the
 # calibration step below: the estimate for this machine scales these by its own calibration step.
 # Measured with `python bench/bench_pipeline.py` (bench/results/pipeline-*.json).
 REFERENCE = {"machine": "2-core AMD EPYC (Zen 3) VM, AVX2, float32", "calibration_seconds": 1.05,
-             "seconds": {"pretrain": 457.0, "sft": 589.0, "lora": 104.0, "dpo": 111.0, "eval": 46.0, "grpo": 180.0}}
+             "seconds": {"pretrain": 457.0, "sft": 589.0, "lora": 104.0, "dpo": 111.0, "eval": 46.0, "sft_cot": 700.0,
+                         "grpo": 300.0}}
 
 
 @dataclass
 class PipelineConfig:
-    stages: tuple = arg(DEFAULT_STAGES, "stages to run, in order (grpo.py's stage too: --stages pretrain sft lora dpo "
-                                        "grpo eval)", nargs="+", type=str)
+    stages: tuple = arg(DEFAULT_STAGES, "stages to run, in order (the reasoning lab's too: --stages pretrain sft lora "
+                                        "dpo sft_cot grpo eval)", nargs="+", type=str)
     overwrite: bool = arg(False, "retrain stages whose output already exists")
     device: str = arg("auto", "passed to every stage", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg("auto", "passed to every training stage: auto (bf16 on CUDA and on CPUs with bf16 "
@@ -182,7 +188,8 @@ def bpb(x) -> str:
 def summary_rows(results: dict) -> list[list[tuple]]:
     """Each stage's headline numbers with the targets, then accuracy per task family: tables as rows
     (the first row of each the header), printed as markdown and shown on the report card."""
-    pre, sft, lora, dpo, grpo = (results.get(s, {}) for s in ("pretrain", "sft", "lora", "dpo", "grpo"))
+    pre, sft, lora, dpo, sft_cot, grpo = (results.get(s, {}) for s in ("pretrain", "sft", "lora", "dpo", "sft_cot",
+                                                                       "grpo"))
     choice = results.get("choice", {})
     seconds = results.get("seconds", {})
 
@@ -215,8 +222,12 @@ def summary_rows(results: dict) -> list[list[tuple]]:
                      f"{pct(dpo['accuracy_before'])} -> {pct(dpo['accuracy'])}", TARGETS["dpo"],
                      check(dpo["preference_accuracy"] >= 0.8 and dpo["accuracy"] >= dpo["accuracy_before"]),
                      wall("dpo")))
+    if sft_cot:
+        rows.append(("sft_cot", "held-out exact match (worked answers)",
+                     f"{pct(sft_cot['accuracy_before'])} -> {pct(sft_cot['accuracy'])}", TARGETS["sft_cot"],
+                     check(sft_cot["accuracy"] >= 0.5), wall("sft_cot")))
     if grpo:
-        # above SFT by more than luck: most answers stay as they were, so the few that flipped are what counts
+        # above the model it started from, by more than luck: most answers stay, so the few that flipped are what counts
         p = grpo.get("sign_test_p")                                   # absent from metrics of older versions
         flipped = "" if p is None else f" (+{grpo['answers_gained']} / -{grpo['answers_lost']}, p {p:.2g})"
         rows.append(("grpo", "task accuracy; mean reward",
@@ -232,7 +243,7 @@ def summary_rows(results: dict) -> list[list[tuple]]:
     # accuracy per task family for every checkpoint: where each stage gained or lost
     columns = [("pretrain", sft.get("accuracy_by_family_before")), ("sft", sft.get("accuracy_by_family")),
                ("lora", lora.get("accuracy_by_family")), ("dpo", dpo.get("accuracy_by_family")),
-               ("grpo", grpo.get("accuracy_by_family"))]
+               ("sft_cot", sft_cot.get("accuracy_by_family")), ("grpo", grpo.get("accuracy_by_family"))]
     columns = [(name, dict(fam)) for name, fam in columns if fam]
     families = sorted({f for _, fam in columns for f in fam})
     for name, fam in columns:                              # multiple-choice families, per byte

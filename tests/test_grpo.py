@@ -96,6 +96,21 @@ def test_one_step_makes_the_rewarded_answer_likelier_and_the_other_less_likely(t
     assert after[0] > before[0] and after[1] < before[1]
 
 
+def test_the_step_reward_credits_each_worked_step_written_right_and_is_plain_for_direct_answers():
+    from data.cot import with_trace
+    worked = with_trace({"family": "add", "conversations": [{"role": "user", "content": "Add 67 and 89."},
+                                                             {"role": "assistant", "content": "156"}]})
+    right = "ones: 7+9=16, 6 carry 1\ntens: 6+8+1=15, 5 carry 1\nAnswer: 156"
+    assert worked["conversations"][-1]["content"] == right                   # the reference the steps are read from
+    assert grpo.step_reward(right, worked) == 1.0
+    assert grpo.step_reward(right.replace("15, 5", "14, 4").replace("156", "146"), worked) == 0.25   # 1 of 2 steps
+    assert grpo.step_reward("tens: 6+8+1=15, 5 carry 1\nAnswer: 146", worked) == 0.0   # a step out of its place
+    assert grpo.step_reward("146", worked) == 0.0
+    direct = {"family": "add", "conversations": [{"role": "user", "content": "Add 67 and 89."},
+                                                 {"role": "assistant", "content": "156"}]}
+    assert (grpo.step_reward("156", direct), grpo.step_reward("155", direct)) == (1.0, 0.0)   # no steps: 0 or 1
+
+
 @pytest.mark.parametrize("gained,lost", [(0, 0), (1, 0), (9, 3), (3, 9), (6, 6), (10, 1)])
 def test_the_sign_test_is_the_share_of_coin_flip_outcomes_at_least_as_uneven(gained, lost):
     n = gained + lost                    # every way n changed items could have gone, each as likely
@@ -120,8 +135,8 @@ def test_grpo_runs_end_to_end_and_reports_the_held_out_accuracy_per_family(tiny_
     # the tiny model is never right; a checker that likes answers of even length rewards some samples of a group
     monkeypatch.setattr(grpo, "is_right", lambda answer, record: len(answer) % 2 == 0)
     out = tmp_path / "grpo"
-    args = ["--init_from", str(tiny_sft), "--data", str(tiny_pretrained / "train.jsonl"),
-            "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(out), "--max_steps", "3",
+    # no --data: the prompts and held-out set the SFT model was fine-tuned and scored on (its config.json names them)
+    args = ["--init_from", str(tiny_sft), "--out_dir", str(out), "--max_steps", "3",
             "--eval_interval", "3", "--batch_size", "2", "--group_size", "3", "--max_new_tokens", "3",
             "--check_items", "4", "--updates", "2"]
     grpo.main(args)
@@ -141,3 +156,5 @@ def test_grpo_runs_end_to_end_and_reports_the_held_out_accuracy_per_family(tiny_
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
     with pytest.raises(ValueError, match="group needs at least 2"):
         grpo.main(args + ["--group_size", "1", "--overwrite"])
+    with pytest.raises(ValueError, match="--families speaker: no training record of these families"):
+        grpo.main(args + ["--families", "speaker", "--overwrite"])

@@ -96,15 +96,19 @@ def test_weights_the_pipeline_did_not_train_are_never_replaced_unasked(tmp_path,
     assert ran == ["pretrain"]
 
 
-def test_a_grpo_stage_asked_for_gets_its_row_and_column():
+def test_the_reasoning_stages_asked_for_get_their_rows_and_columns():
+    sft_cot = {"accuracy": 0.55, "accuracy_before": 0.0, "accuracy_by_family": {"add": 0.1, "repeat": 0.9}}
     grpo = {"accuracy": 0.6, "accuracy_before": 0.55, "mean_reward_first": 0.4, "mean_reward_last": 0.52,
             "accuracy_by_family": {"add": 0.12, "repeat": 0.95}, "answers_gained": 21, "answers_lost": 1,
             "sign_test_p": 1.1e-5}
-    table = pipeline.summary_table({"sft": SFT, "grpo": grpo, "seconds": {"grpo": 90.0}})
+    table = pipeline.summary_table({"sft": SFT, "sft_cot": sft_cot, "grpo": grpo, "seconds": {"sft_cot": 700.0, "grpo": 90.0}})
     row = lambda name: next(line for line in table.splitlines() if line.startswith(f"| {name} "))   # noqa: E731
+    assert "0.0% -> 55.0%" in row("sft_cot") and "| yes" in row("sft_cot") and "700 s" in row("sft_cot")
     assert "55.0% -> 60.0% (+21 / -1, p 1.1e-05); 0.40 -> 0.52" in row("grpo")
     assert "| yes" in row("grpo") and "90 s" in row("grpo")
-    assert "95.0%" in row("repeat") and row("task family").split("|")[-2].strip() == "grpo"   # its own column
+    assert [c.strip() for c in row("task family").split("|")[-3:-1]] == ["sft_cot", "grpo"]   # their own columns
+    assert "90.0%" in row("repeat") and "95.0%" in row("repeat")
+    assert "**no**" in pipeline.summary_table({"sft_cot": {**sft_cot, "accuracy": 0.45}})
     assert "**no**" in pipeline.summary_table({"grpo": {**grpo, "accuracy": 0.55}})     # not above SFT's
     # above SFT by 6 of 400 items that a coin could have flipped: not a gain
     assert "**no**" in pipeline.summary_table({"grpo": {**grpo, "answers_gained": 9, "answers_lost": 3, "sign_test_p": 0.15}})
@@ -155,7 +159,8 @@ def test_every_stage_gets_the_pipelines_seed_device_and_dtype_and_eval_scores_ea
 
 
 def test_unknown_stages_are_refused_with_the_list():
-    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, grpo, eval"):
+    with pytest.raises(ValueError,
+                       match=r"unknown stage\(s\) \['sfft'\]: choose from pretrain, sft, lora, dpo, sft_cot, grpo, eval"):
         pipeline.main(["--stages", "sfft"])
 
 
