@@ -8,7 +8,8 @@ grpo.py -- reinforcement learning with verifiable rewards: sample answers, check
 
 SFT shows the model right answers; here the model writes its own and learns from how they
 score. The chat tasks can be checked exactly (the held-out scores of full_sft.py are exact
-match), so the reward needs no reward model: 1 when the answer is right, else 0.
+match), so the reward needs no reward model: 1 when the answer is right, else 0. (For tasks
+no checker can score, `--reward verifier` takes verifier.py's learned score of each answer.)
 
 It starts from the model that works its answers out (`python full_sft.py --data cot --max_new_tokens
 64 --out_dir weight/sft_cot`, data/cot.py) and practises on that model's own training prompts,
@@ -56,10 +57,10 @@ from engine import generate, left_pad
 from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX
 from runtime import finish, setup_runtime
-from scoring import before_and_after, change_line, exact_match_report, format_report, is_right
+from scoring import before_and_after, change_line, exact_match_report, format_report, is_right, load_verifier, score_answers
 from tokenizer.chat import render_chat
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
-from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only
+from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_decoder_only, same_tokens
 
 
 @dataclass
@@ -79,7 +80,10 @@ class GRPOConfig(TrainConfig):
     check_items: int = arg(200, "training prompts answered greedily at each evaluation (the best step is kept)")
     reward: str = arg("answer", "answer: 1 if the final answer is right, else 0; steps: a worked answer (--data cot) "
                                 "that is wrong still earns half the share of its steps that match the reference's, "
-                                "line by line (a process reward the checker can give)", choices=["answer", "steps"])
+                                "line by line (a process reward the checker can give); verifier: the --verifier's "
+                                "score of each answer (a learned reward, for tasks no checker can score)",
+                      choices=["answer", "steps", "verifier"])
+    verifier: str = arg("weight/verifier", "with --reward verifier: the reward model verifier.py trained")
     # the shared training flags, with this stage's defaults
     init_from: str = "weight/sft_cot"
     out_dir: str = "weight/grpo"
@@ -180,6 +184,11 @@ def main(argv=None):
     model, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "grpo.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.reward == "verifier":             # a learned reward: it must read the policy's tokens
+        reward_model, verifier_tokenizer = load_verifier(cfg.verifier, rt.device)
+        if not same_tokens(verifier_tokenizer, tokenizer):
+            raise ValueError(f"--verifier {cfg.verifier} reads another tokenizer than {cfg.init_from}: train it from "
+                             f"a model of the same pretraining (python verifier.py --init_from {cfg.init_from})")
 
     # 2. prompts whose answers a checker can score: by default the ones the model was fine-tuned on (its
     # training set, and its held-out set: the accuracy full_sft.py reported, so the two compare)
@@ -220,8 +229,13 @@ def main(argv=None):
         examples, answers = sample_groups(model, tokenizer, records, cfg.group_size, cfg.max_new_tokens,
                                           cfg.temperature, sample_rng)
         asked = [r for r in records for _ in range(cfg.group_size)]
-        score = step_reward if cfg.reward == "steps" else (lambda a, r: float(is_right(a, r)))
-        rewards = torch.tensor([score(a, r) for a, r in zip(answers, asked)])
+        if cfg.reward == "verifier":         # the verifier scores each group's answers to its prompt
+            G = cfg.group_size
+            rewards = torch.tensor([s for i, r in enumerate(records) for s in
+                                    score_answers(reward_model, tokenizer, r["conversations"][:-1], answers[i * G:(i + 1) * G])])
+        else:
+            score = step_reward if cfg.reward == "steps" else (lambda a, r: float(is_right(a, r)))
+            rewards = torch.tensor([score(a, r) for a, r in zip(answers, asked)])
         advantages = group_advantages(rewards.view(cfg.batch_size, cfg.group_size)).flatten()   # (P * G,)
         lengths = torch.tensor([float((y != IGNORE_INDEX).sum()) for _, y in examples])
         history.append({"reward": rewards.mean().item(), "answer_tokens": lengths.mean().item(), "kl": 0.0,

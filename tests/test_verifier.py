@@ -3,6 +3,7 @@ the chosen answer higher, and verifier.py end to end with best-of-k."""
 import copy
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +72,27 @@ def test_verifier_trains_on_right_and_wrong_answers_and_picks_best_of_k(tiny_pre
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
     assert len(verifier.score_answers(reward_model, tokenizer, conversation, ["a", "bb", "ccc"])) == 3
     assert load_checkpoint_tokenizer(out).encode("hello") == tokenizer.encode("hello")
+
+    # the verifier as GRPO's reward, for tasks no checker can score: its scores are the rewards, the checker unused
+    import grpo
+
+    def no_checker(answer, record):
+        raise AssertionError("--reward verifier must not call the checker")
+    monkeypatch.setattr(grpo, "is_right", no_checker)
+    scores = []
+
+    def scored(*args):
+        scores.extend(verifier.score_answers(*args))
+        return scores[-len(args[-1]):]
+    monkeypatch.setattr(grpo, "score_answers", scored)
+    rl = tmp_path / "grpo"
+    grpo.main(["--init_from", str(tiny_pretrained / "ckpt"), "--data", str(tiny_pretrained / "train.jsonl"),
+               "--eval_data", str(tiny_pretrained / "eval.jsonl"), "--out_dir", str(rl), "--reward", "verifier",
+               "--verifier", str(out), "--max_steps", "1", "--eval_interval", "1", "--batch_size", "2",
+               "--group_size", "3", "--max_new_tokens", "3", "--check_items", "2", "--families"])
+    assert len(scores) == 6                                  # 2 prompts x 3 answers, each scored by the verifier
+    rows = (rl / "grpo.csv").read_text().splitlines()
+    assert float(rows[1].split(",")[1]) == pytest.approx(sum(scores) / 6)   # the step's mean reward is theirs
 
 
 def test_an_untrained_verifier_is_at_chance_on_pairs():
