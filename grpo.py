@@ -98,6 +98,10 @@ class GRPOConfig(TrainConfig):
     log_interval: int = 1
 
 
+# what makes the default starting model, weight/sft_cot (the pipeline's sft_cot stage runs the same)
+COT_SFT_COMMAND = "python full_sft.py --data cot --max_new_tokens 64 --out_dir weight/sft_cot"
+
+
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """rewards (P, G), G answers to each of P prompts -> advantages (P, G): each reward minus its
     group's mean, over the group's standard deviation. A group of equal rewards gets zeros."""
@@ -181,7 +185,8 @@ def main(argv=None):
     rt = setup_runtime(cfg)
 
     # 1. the policy (trained) and the reference (a frozen copy: the KL penalty's anchor)
-    model, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "grpo.py")
+    model, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "grpo.py", make_hint=COT_SFT_COMMAND
+                                           if cfg.init_from == GRPOConfig.init_from else "python full_sft.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.reward == "verifier":             # a learned reward: it must read the policy's tokens
