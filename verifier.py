@@ -23,7 +23,7 @@ After training it picks best-of-k on the held-out chat tasks: of k sampled answe
 it scores highest is the answer; beside it, the majority vote with each answer's vote weighed
 by the verifier (sigmoid of its score: what inference.py and serve.py keep), the same samples'
 plain vote (maj@k) and whether any of them is right (pass@k, the ceiling of any picker). A
-verifier could also be the reward of grpo.py where no checker can score.
+verifier is also a reward for grpo.py where no checker can score (`python grpo.py --reward verifier`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from atomic import atomic_path
-from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, read_conversations
+from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, read_conversations, sft_data_of
 from flags import arg, main_guard, parse_config
 from runtime import finish, setup_runtime
 from scoring import (HEAD_FILE, RewardModel, answer_ids, batch_of, is_right, load_verifier, pick_best,
@@ -141,11 +141,15 @@ def main(argv=None):
     backbone, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "verifier.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
 
-    # 1. pairs: the SFT model's own answers, right against wrong (held-out pairs from held-out prompts)
-    build_default_chat_data(DEFAULT_CHAT_DIR, verbose=rt.is_main)
-    rng = random.Random(cfg.seed)
-    train_records = rng.sample(list(read_conversations(DEFAULT_CHAT_DIR / "sft_train.jsonl")), cfg.prompts)
-    eval_records = list(read_conversations(DEFAULT_CHAT_DIR / "sft_eval.jsonl"))[:cfg.eval_prompts]
+    # 1. pairs: the SFT model's own answers, right against wrong (held-out pairs from held-out prompts), to
+    # the prompts it was fine-tuned on (worked answers for weight/sft_cot), else the default chat tasks'
+    own_train, own_eval, _ = sft_data_of(ckpt_config) if ckpt_config.get("stage") == "sft" else ([], [], "")
+    if not own_train:
+        build_default_chat_data(DEFAULT_CHAT_DIR, verbose=rt.is_main)
+        own_train = list(read_conversations(DEFAULT_CHAT_DIR / "sft_train.jsonl"))
+        own_eval = list(read_conversations(DEFAULT_CHAT_DIR / "sft_eval.jsonl"))
+    train_records = random.Random(cfg.seed).sample(own_train, min(cfg.prompts, len(own_train)))
+    eval_records = own_eval[:cfg.eval_prompts]
     backbone.eval()
     train = own_answer_pairs(backbone, tokenizer, train_records, cfg.samples, cfg.max_new_tokens, cfg.seed)
     held_out = own_answer_pairs(backbone, tokenizer, eval_records, cfg.samples, cfg.max_new_tokens, cfg.seed + 1)
