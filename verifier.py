@@ -98,21 +98,31 @@ def best_of_k(reward_model, policy, tokenizer, records: list[dict], n: int, max_
     scores = [score_answers(reward_model, tokenizer, r["conversations"][:-1], answers) for r, answers in zip(records, samples)]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
     rng = random.Random(seed)
-    best, weighted = {k: 0.0 for k in ks}, {k: 0.0 for k in ks}
+    best, weighted = {k: [] for k in ks}, {k: [] for k in ks}         # per record: the share of draws right
     for record, answers, score in zip(records, samples, scores):
         for k in ks:
+            best_right = weighted_right = 0
             for _ in range(orders):
                 drawn = rng.sample(range(n), k)
-                best[k] += is_right(answers[max(drawn, key=lambda i: score[i])], record) / (orders * len(records))
+                best_right += is_right(answers[max(drawn, key=lambda i: score[i])], record)
                 kept, _ = pick_best([answers[i] for i in drawn], [score[i] for i in drawn])
-                weighted[k] += is_right(answers[drawn[kept]], record) / (orders * len(records))
+                weighted_right += is_right(answers[drawn[kept]], record)
+            best[k].append(best_right / orders)
+            weighted[k].append(weighted_right / orders)
+    families = [r.get("family", "user") for r in records]
+
+    def by_family(values):
+        return {f: sum(v for v, g in zip(values, families) if g == f) / families.count(f) for f in sorted(set(families))}
     report = scaling_report(records, samples, ks, orders, seed)
+    best_by_family = {k: by_family(best[k]) for k in ks}
+    best, weighted = ({k: sum(v[k]) / len(records) for k in ks} for v in (best, weighted))
     print("held-out tasks, k sampled answers (temperature 1):")
     for k in ks:
         print(f"  k={k:<3} best-of-k (verifier) {best[k]:6.1%}   vote weighted by it {weighted[k]:6.1%}   "
               f"maj@k {report['maj_at_k'][k]:6.1%}   pass@k {report['pass_at_k'][k]:6.1%}")
     return {"ks": ks, "best_of_k": best, "weighted_vote_at_k": weighted, "maj_at_k": report["maj_at_k"],
-            "pass_at_k": report["pass_at_k"]}
+            "pass_at_k": report["pass_at_k"], "best_of_k_by_family": best_by_family,
+            "maj_at_k_by_family": report["maj_at_k_by_family"]}
 
 
 @dataclass

@@ -64,6 +64,9 @@ def test_verifier_trains_on_right_and_wrong_answers_and_picks_best_of_k(tiny_pre
     assert best["ks"] == [1, 2, 4] and all(0 <= best["best_of_k"][str(k)] <= 1 for k in best["ks"])
     for picker in ("best_of_k", "weighted_vote_at_k", "maj_at_k"):   # of all 4 samples, no pick beats "one is right"
         assert 0 <= best[picker]["4"] <= best["pass_at_k"]["4"]
+    for picker in ("best_of_k", "maj_at_k"):                         # per family too: the whole is among its parts
+        families = best[f"{picker}_by_family"]["4"]
+        assert len(families) > 1 and min(families.values()) <= best[picker]["4"] <= max(families.values())
     reward_model, tokenizer = verifier.load_verifier(out)
     # best-of-k ranks the policy's answers (the starting model), not answers of the verifier's trained backbone
     policy, _ = load_checkpoint(tiny_pretrained / "ckpt")
