@@ -222,14 +222,16 @@ def scaling_report(records: list[dict], samples: list[list[str]], ks: list[int],
             draws = [rng.choice(len(answers), k, replace=False) for _ in range(orders)]
             per_k[k]["maj"].append(np.mean([is_right(majority_answer([answers[i] for i in d]), record)
                                             for d in draws]))
-
-    def by_family(values):
-        return {f: float(np.mean([v for v, g in zip(values, families) if g == f])) for f in sorted(set(families))}
     return {"n": len(records), "samples": len(samples[0]) if samples else 0, "ks": ks,
             "pass_at_k": {k: float(np.mean(per_k[k]["pass"])) for k in ks},
             "maj_at_k": {k: float(np.mean(per_k[k]["maj"])) for k in ks},
-            "pass_at_k_by_family": {k: by_family(per_k[k]["pass"]) for k in ks},
-            "maj_at_k_by_family": {k: by_family(per_k[k]["maj"]) for k in ks}}
+            "pass_at_k_by_family": {k: mean_by_family(per_k[k]["pass"], families) for k in ks},
+            "maj_at_k_by_family": {k: mean_by_family(per_k[k]["maj"], families) for k in ks}}
+
+
+def mean_by_family(values: list[float], families: list[str]) -> dict[str, float]:
+    """The mean of the values of each family (one value and one family per record, in order)."""
+    return {f: float(np.mean([v for v, g in zip(values, families) if g == f])) for f in sorted(set(families))}
 
 
 BOOTSTRAP_RESAMPLES = 1000

@@ -41,7 +41,7 @@ from atomic import atomic_path
 from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, read_conversations, sft_data_of
 from flags import arg, main_guard, parse_config
 from runtime import finish, setup_runtime
-from scoring import (HEAD_FILE, RewardModel, answer_ids, batch_of, is_right, load_verifier, pick_best,
+from scoring import (HEAD_FILE, RewardModel, answer_ids, batch_of, is_right, load_verifier, mean_by_family, pick_best,
                      sampled_answers, scaling_report, score_answers)
 from training import TrainConfig, check_train_config, resumed_flags, run_training, write_metrics
 from weight.checkpoint import load_checkpoint_tokenizer, load_decoder_only, save_checkpoint
@@ -109,12 +109,8 @@ def best_of_k(reward_model, policy, tokenizer, records: list[dict], n: int, max_
                 weighted_right += is_right(answers[drawn[kept]], record)
             best[k].append(best_right / orders)
             weighted[k].append(weighted_right / orders)
-    families = [r.get("family", "user") for r in records]
-
-    def by_family(values):
-        return {f: sum(v for v, g in zip(values, families) if g == f) / families.count(f) for f in sorted(set(families))}
     report = scaling_report(records, samples, ks, orders, seed)
-    best_by_family = {k: by_family(best[k]) for k in ks}
+    best_by_family = {k: mean_by_family(best[k], [r.get("family", "user") for r in records]) for k in ks}
     best, weighted = ({k: sum(v[k]) / len(records) for k in ks} for v in (best, weighted))
     print("held-out tasks, k sampled answers (temperature 1):")
     for k in ks:
