@@ -1,6 +1,6 @@
 """GRPO: group advantages, the clipped objective and its KL term by hand, sampled answers' targets,
-a gradient step that makes the rewarded answer likelier, and grpo.py end to end on a tiny model; the
-paired count of answers a stage gained and lost, with its sign test."""
+a gradient step that makes the rewarded answer likelier, the step reward of worked answers, and grpo.py
+end to end on a tiny model; the paired count of answers a stage gained and lost, with its sign test."""
 import itertools
 import json
 
@@ -9,6 +9,7 @@ import torch
 
 import full_sft
 import grpo
+from data.cot import with_trace
 from model import IGNORE_INDEX
 from scoring import answers_changed, change_line, sign_test_p
 from weight.checkpoint import load_checkpoint, load_checkpoint_tokenizer
@@ -97,7 +98,6 @@ def test_one_step_makes_the_rewarded_answer_likelier_and_the_other_less_likely(t
 
 
 def test_the_step_reward_credits_each_worked_step_written_right_and_is_plain_for_direct_answers():
-    from data.cot import with_trace
     worked = with_trace({"family": "add", "conversations": [{"role": "user", "content": "Add 67 and 89."},
                                                              {"role": "assistant", "content": "156"}]})
     right = "ones: 7+9=16, 6 carry 1\ntens: 6+8+1=15, 5 carry 1\nAnswer: 156"
