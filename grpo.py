@@ -78,7 +78,7 @@ class GRPOConfig(TrainConfig):
     max_new_tokens: int = arg(64, "longest answer sampled, and generated when measuring accuracy (a worked "
                                   "answer needs up to ~50 tokens)")
     check_items: int = arg(200, "training prompts answered greedily at each evaluation (the best step is kept)")
-    reward: str = arg("answer", "answer: 1 if the final answer is right, else 0; steps: a worked answer (--data cot) "
+    reward: str = arg("answer", "answer: 1 if the final answer is right, else 0; steps: a worked answer (data/cot.py) "
                                 "that is wrong still earns half the share of its steps that match the reference's, "
                                 "line by line (a process reward the checker can give); verifier: the --verifier's "
                                 "score of each answer (a learned reward, for tasks no checker can score)",
@@ -112,10 +112,14 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 def step_reward(answer: str, record: dict) -> float:
     """The process reward of --reward steps: 1 for a right answer; a wrong one gets 0.5 x the share of
     the reference's worked steps (every line before its final answer) that it wrote the same, in place.
-    A direct answer has no steps, so this is the plain 0/1 reward there. In a worked addition each
-    line is one digit's sum ("tens: 6+8+1=15, 5 carry 1"), so every right sum is rewarded on its own."""
+    Only a worked answer (a record with a marked "answer", data/cot.py) has steps; for any other record
+    this is the plain 0/1 reward. In a worked addition each line is one digit's sum ("tens: 6+8+1=15, 5
+    carry 1"), so every right sum is rewarded on its own; in a reversal the steps are the word spelled
+    out and its letters reversed."""
     if is_right(answer, record):
         return 1.0
+    if "answer" not in record:
+        return 0.0
     steps = record["conversations"][-1]["content"].strip().split("\n")[:-1]       # the reference's steps
     written = answer.strip().split("\n")
     same = sum(i < len(written) and written[i].strip() == step.strip() for i, step in enumerate(steps))
@@ -197,22 +201,25 @@ def main(argv=None):
 
     # 2. prompts whose answers a checker can score: by default the ones the model was fine-tuned on (its
     # training set, and its held-out set: the accuracy full_sft.py reported, so the two compare)
-    sft_train, sft_held_out = [], []
+    sft_train, sft_held_out, where = [], [], ""
     if not (cfg.data and cfg.eval_data):
         sft_train, sft_held_out, where = sft_data_of(ckpt_config)
         if not sft_train and where == str(DEFAULT_CHAT_DIR):          # the default chat tasks, not generated yet
             build_default_chat_data(DEFAULT_CHAT_DIR, verbose=rt.is_main)
-            sft_train, sft_held_out, _ = sft_data_of(ckpt_config)
+            sft_train, sft_held_out, where = sft_data_of(ckpt_config)
     train = list(read_conversations(cfg.data)) if cfg.data else sft_train
     held_out = list(read_conversations(cfg.eval_data)) if cfg.eval_data else sft_held_out
     if not train or not held_out:
-        raise ValueError(f"{cfg.init_from} names no training conversations of its own (an imported model?): "
-                         "give the prompts with --data and --eval_data")
+        missing = "training prompts (--data)" if not train else "held-out records (--eval_data)"
+        raise ValueError(f"{cfg.init_from} names no {missing} of its own (an imported model?): give them")
     if cfg.families:
         train = [r for r in train if r.get("family") in cfg.families]
         if not train:
             raise ValueError(f"--families {' '.join(cfg.families)}: no training record of these families; name "
                              f"yours, or give --families alone for every family")
+    if rt.is_main:
+        print(f"prompts: {len(train):,} (families: {' '.join(cfg.families) or 'all'}) from {cfg.data or where}, "
+              f"{len(held_out):,} held out" + (f" from {cfg.eval_data}" if cfg.eval_data else " (the SFT model's own)"))
     check = train[:cfg.check_items]          # the best step is chosen on training prompts, never on held-out ones
 
     # 3. before

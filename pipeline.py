@@ -56,6 +56,8 @@ STAGES = {
     "grpo": (["grpo.py"], "weight/grpo"),                     # starts from weight/sft_cot
 }
 DEFAULT_STAGES = ("pretrain", "sft", "lora", "dpo", "eval")
+REASONING_STAGES = ("sft_cot", "grpo")
+BAR_LABELS = {"sft_cot": "sft"}          # full_sft.py names its progress bar "sft:", whatever its data
 # checkpoints that take the multiple-choice test at the end (the LoRA one is base + adapter)
 EVALUATED = {"pretrain": ["--ckpt", "weight/pretrain"], "sft": ["--ckpt", "weight/sft"],
              "lora": ["--lora", "weight/lora"], "dpo": ["--ckpt", "weight/dpo"], "sft_cot": ["--ckpt", "weight/sft_cot"],
@@ -152,10 +154,12 @@ class Progress:
 
 
 def run_stage(name: str, command: list[str], log_path: Path, progress: Callable[[float], None] = lambda f: None,
-              show: Callable[[str], None] = lambda text: print(text, flush=True)) -> float:
+              show: Callable[[str], None] = lambda text: print(text, flush=True), bar: str = "") -> float:
     """Run one stage as `python <command>`, its output shown live and kept in a log; returns seconds.
-    The stage's own progress bars go to the log; their step counts go to progress(fraction)."""
+    The stage's own progress bars go to the log; their step counts (the bar labelled `bar`, by default
+    the stage's name) go to progress(fraction)."""
     show(f"\n=== {name}: python {' '.join(command)}")
+    label = bar or name
     started = time.time()
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
@@ -164,7 +168,7 @@ def run_stage(name: str, command: list[str], log_path: Path, progress: Callable[
             log.write(line)
             for piece in line.decode("utf-8", errors="replace").split("\r"):   # what a terminal would draw
                 bar = PROGRESS_BAR.search(piece)
-                if bar and piece.lstrip().startswith(f"{name}:"):             # the stage's training steps
+                if bar and piece.lstrip().startswith(f"{label}:"):            # the stage's training steps
                     progress(int(bar.group(1)) / max(1, int(bar.group(2))))
                 elif piece.strip() and not bar:                                # other bars: the log only
                     show(piece.rstrip("\n"))
@@ -281,7 +285,8 @@ def refuse_foreign_weights(name: str, overwrite: bool, logs: Path):
     weights = [f for f in (WEIGHTS_FILE, ADAPTER_FILE) if (folder / f).exists()]
     if overwrite or not weights or (folder / RESUME_FILE).exists() or (logs / f"{name}.started").exists():
         return
-    later = [s for s in DEFAULT_STAGES if s in STAGES and list(STAGES).index(s) > list(STAGES).index(name)] + ["eval"]
+    path = REASONING_STAGES if name in REASONING_STAGES else DEFAULT_STAGES     # the stages that build on it
+    later = [s for s in path if s in STAGES and list(STAGES).index(s) > list(STAGES).index(name)] + ["eval"]
     raise ValueError(f"{STAGES[name][1]}/{weights[0]} was not trained by the pipeline (no metrics.json): "
                      f"to build on it, run the later stages only (python pipeline.py --stages {' '.join(later)}); "
                      f"to retrain it, move it away or add --overwrite")
@@ -329,7 +334,8 @@ def main(argv=None):
             extra.append("--overwrite")        # retrain (or, with nothing to resume from, start over)
         on_progress = (lambda f, name=name: progress.update(name, f)) if progress else (lambda f: None)
         atomic_write_text(started_mark, " ".join(command + extra) + "\n")
-        seconds[name] = run_stage(name, command + extra, logs / f"{name}.log", progress=on_progress, show=show)
+        seconds[name] = run_stage(name, command + extra, logs / f"{name}.log", progress=on_progress, show=show,
+                                  bar=BAR_LABELS.get(name, name))
         started_mark.unlink()
         if progress:
             progress.finish(name)

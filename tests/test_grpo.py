@@ -109,6 +109,9 @@ def test_the_step_reward_credits_each_worked_step_written_right_and_is_plain_for
     direct = {"family": "add", "conversations": [{"role": "user", "content": "Add 67 and 89."},
                                                  {"role": "assistant", "content": "156"}]}
     assert (grpo.step_reward("156", direct), grpo.step_reward("155", direct)) == (1.0, 0.0)   # no steps: 0 or 1
+    repeat = {"family": "repeat", "conversations": [{"role": "user", "content": "Repeat 'growth' three times."},
+                                                    {"role": "assistant", "content": "growth\ngrowth\ngrowth"}]}
+    assert grpo.step_reward("growth\ngrowth", repeat) == 0.0          # lines of a direct answer are not steps
 
 
 @pytest.mark.parametrize("gained,lost", [(0, 0), (1, 0), (9, 3), (3, 9), (6, 6), (10, 1)])

@@ -93,6 +93,11 @@ def test_weights_the_pipeline_did_not_train_are_never_replaced_unasked(tmp_path,
         pipeline.main([])
     assert ran == [] and (imported / "model.pt").read_bytes() == b"imported with python -m weight import"
     pipeline.main(["--stages", "pretrain", "--overwrite"])       # asked for: retrained
+    by_hand = tmp_path / "weight" / "sft_cot"
+    by_hand.mkdir()
+    (by_hand / "model.pt").write_bytes(b"trained by hand")               # the stage after it is grpo, not lora
+    with pytest.raises(ValueError, match=r"weight/sft_cot/model.pt was not trained by the pipeline.*--stages grpo eval\)"):
+        pipeline.main(["--stages", "sft_cot", "grpo"])
     assert ran == ["pretrain"]
 
 
@@ -183,6 +188,10 @@ def test_a_stages_progress_bar_feeds_the_pipeline_and_its_other_lines_are_shown(
     assert fractions == [0.25, 0.5]
     assert shown[1:] == ["step 10: val_loss 1.234", "done"] and "bpe merges" not in " ".join(shown)
     assert "5/20" in (tmp_path / "sft.log").read_text()                         # the log keeps everything
+    fractions.clear()                        # the sft_cot stage runs full_sft.py, whose bar is labelled "sft:"
+    pipeline.run_stage("sft_cot", [str(tmp_path / "fake_stage.py")], tmp_path / "sft_cot.log",
+                       progress=fractions.append, show=shown.append, bar=pipeline.BAR_LABELS["sft_cot"])
+    assert fractions == [0.25, 0.5]
 
 
 def test_progress_counts_finished_stages_and_the_running_one():
