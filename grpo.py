@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from data.chat_data import DEFAULT_CHAT_DIR, build_default_chat_data, collate, read_conversations, sft_data_of
-from data.cot import COT_FAMILIES
+from data.cot import COT_FAMILIES, MARKERS
 from engine import generate, left_pad
 from flags import arg, main_guard, parse_config
 from model import IGNORE_INDEX
@@ -112,15 +112,15 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 def step_reward(answer: str, record: dict) -> float:
     """The process reward of --reward steps: 1 for a right answer; a wrong one gets 0.5 x the share of
     the reference's worked steps (every line before its final answer) that it wrote the same, in place.
-    Only a worked answer (a record with a marked "answer", data/cot.py) has steps; for any other record
-    this is the plain 0/1 reward. In a worked addition each line is one digit's sum ("tens: 6+8+1=15, 5
-    carry 1"), so every right sum is rewarded on its own; in a reversal the steps are the word spelled
-    out and its letters reversed."""
+    Only a worked answer (data/cot.py: its last line is the marked final answer, "Answer: ...") has
+    steps; for any other answer, even one of several lines, this is the plain 0/1 reward. In a worked
+    addition each line is one digit's sum ("tens: 6+8+1=15, 5 carry 1"), so every right sum is rewarded
+    on its own; in a reversal the steps are the word spelled out and its letters reversed."""
     if is_right(answer, record):
         return 1.0
-    if "answer" not in record:
-        return 0.0
-    steps = record["conversations"][-1]["content"].strip().split("\n")[:-1]       # the reference's steps
+    *steps, last = record["conversations"][-1]["content"].strip().split("\n")      # the reference's steps
+    if not last.startswith(tuple(marker.strip() for marker in MARKERS.values())):
+        return 0.0                                                                  # not a worked answer
     written = answer.strip().split("\n")
     same = sum(i < len(written) and written[i].strip() == step.strip() for i, step in enumerate(steps))
     return 0.5 * same / len(steps) if steps else 0.0

@@ -112,6 +112,7 @@ def test_the_step_reward_credits_each_worked_step_written_right_and_is_plain_for
     repeat = {"family": "repeat", "conversations": [{"role": "user", "content": "Repeat 'growth' three times."},
                                                     {"role": "assistant", "content": "growth\ngrowth\ngrowth"}]}
     assert grpo.step_reward("growth\ngrowth", repeat) == 0.0          # lines of a direct answer are not steps
+    assert grpo.step_reward("growth\ngrowth", with_trace(repeat)) == 0.0   # ... in the worked-answer data too
 
 
 @pytest.mark.parametrize("gained,lost", [(0, 0), (1, 0), (9, 3), (3, 9), (6, 6), (10, 1)])
