@@ -20,7 +20,7 @@ words, numbers and names), before and after, per task family (scoring.py).
 A real pretrained model: `--preset smollm2` fine-tunes SmolLM2-135M-Instruct (the .gguf file
 that setup.sh installs) on the persona lesson (`--data persona`, data/persona.py: questions
 about itself, held out by phrasing), with the settings for a pretrained model: AdamW at a
-learning rate of 5e-5 (this stage's default, Muon at 1e-3, is for a model that knows little yet),
+learning rate of 5e-5 (this stage's default, 1.4e-3, is for a model that knows little yet),
 30 steps of 8 conversations.
 With --data persona the run also asks general questions before and after (what it knew:
 "What is the capital of France?"), and metrics.json holds both.

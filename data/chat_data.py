@@ -53,6 +53,8 @@ from .persona import persona_data
 from .pretrain_data import DataError, check_file_has_content
 
 DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
+# written beside the generated files; a new value makes the project's own folder be generated again
+CHAT_DATA_VERSION = "2: identity questions in three wordings"
 DEFAULT_PERSONA_DIR = DEFAULT_DIR / "persona"                     # the persona lesson (--data persona)
 EVAL_ONLY_ONE_IN = 5         # 1 in 5 words / number pairs / names is only ever used for evaluation
 HOLD_OUT_EVERY_NTH = 20      # a --data file given without --eval_data: every 20th record is held out
@@ -204,17 +206,26 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def build_default_chat_data(out_dir: Path = DEFAULT_CHAT_DIR, n_train: int = 20000,
                             n_eval_per_family: int = 50, seed: int = 0, verbose: bool = True) -> dict[str, Path]:
-    """Write out_dir/sft_train.jsonl and out_dir/sft_eval.jsonl unless they exist."""
+    """Write out_dir/sft_train.jsonl and out_dir/sft_eval.jsonl unless they exist. The project's own
+    folder (data/default/chat) is generated again when an earlier version of this file made it
+    (CHAT_DATA_VERSION, in version.txt beside them); files in any other folder are never replaced."""
     out_dir = Path(out_dir)
     paths = {"train": out_dir / "sft_train.jsonl", "eval": out_dir / "sft_eval.jsonl"}
+    stamp = out_dir / "version.txt"
+    ours = out_dir.resolve() == (DEFAULT_DIR / "chat").resolve()
+    current = stamp.exists() and stamp.read_text(encoding="utf-8").strip() == CHAT_DATA_VERSION
     if all(p.exists() for p in paths.values()):
-        return paths
+        if current or not ours:
+            return paths
+        if verbose:
+            print(f"chat data: {out_dir} was made by an earlier version of data/chat_data.py; generating it again")
     words = default_words()
     plays = {split: (DEFAULT_DIR / f"en_{name}.txt").read_text(encoding="utf-8")
              for split, name in (("train", "train"), ("eval", "val"))}
     train, held_out = generate_chat_data(words, n_train, n_eval_per_family, seed, families=FAMILIES, plays=plays)
     write_jsonl(paths["eval"], held_out)
     write_jsonl(paths["train"], train)
+    stamp.write_text(CHAT_DATA_VERSION + "\n", encoding="utf-8")      # last: a half-made folder is made again
     if verbose:
         print(f"chat data: {len(train):,} training and {len(held_out):,} held-out conversations "
               f"({', '.join(FAMILIES)}) -> {out_dir}")
