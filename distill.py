@@ -19,9 +19,8 @@ Sequence level (--mode sequence, Kim and Rush, 2016), which works across tokeniz
 teacher answers the training prompts greedily and the student is fine-tuned on those answers,
 as full_sft.py would on data.
 
-The default run: teacher the SFT model, student the pretrained model with a budget of 600
-steps of 32 with Muon (SFT's recipe when these runs were measured: `python full_sft.py
---optimizer muon --batch_size 32 --lr 1e-3 --min_lr 1e-4 --max_steps 600`); both report
+The default run: teacher the SFT model (1,600 steps), student the pretrained model with a
+budget of 600 steps, the same as `python full_sft.py --max_steps 600`; both report
 accuracy per family on the same held-out set, so the two compare at equal budget. Measured
 (docs/reasoning.md): alpha 0.1, T 1 (the defaults) beat the data alone in both seeds tried,
 39.0% vs 37.5% and 39.8% vs 36.2%; alpha 0.5 with T 2 did not (36.8%, and 32.0% at alpha 0.1).
@@ -54,7 +53,7 @@ class DistillConfig(TrainConfig):
     alpha: float = arg(0.1, "token mode: weight of the data's own answer (1 = plain SFT, 0 = the teacher only)")
     temperature: float = arg(1.0, "token mode: softens both distributions before they are compared")
     max_new_tokens: int = arg(32, "longest answer generated (the teacher's, in sequence mode; accuracy)")
-    # the shared training flags, with this stage's defaults (full_sft.py's former Muon recipe, 600 steps)
+    # the shared training flags, with this stage's defaults (full_sft.py's, with its budget set by max_steps)
     init_from: str = "weight/pretrain"
     out_dir: str = "weight/distill"
     max_steps: int = 600

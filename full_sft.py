@@ -6,7 +6,6 @@ full_sft.py -- supervised fine-tuning: teach the pretrained model to answer in a
     python full_sft.py --loss_on all                     # learn every token, not only the answers (compare!)
     python full_sft.py --init_from weight/sft --data second_stage.jsonl --out_dir weight/sft2
     python full_sft.py --preset smollm2                  # a real pretrained model (SmolLM2-135M) learns who it is
-    python full_sft.py --preset cot                      # worked answers (chain of thought) -> weight/sft_cot
 
 Each conversation is rendered with the chat template (tokenizer/chat.py) into token ids,
 and the template marks which tokens are the assistant's answers. The model is trained
@@ -20,7 +19,7 @@ words, numbers and names), before and after, per task family (scoring.py).
 A real pretrained model: `--preset smollm2` fine-tunes SmolLM2-135M-Instruct (the .gguf file
 that setup.sh installs) on the persona lesson (`--data persona`, data/persona.py: questions
 about itself, held out by phrasing), with the settings for a pretrained model: AdamW at a
-learning rate of 5e-5 (this stage's default, 1.4e-3, is for a model that knows little yet),
+learning rate of 5e-5 (this stage's default, Muon at 1e-3, is for a model that knows little yet),
 30 steps of 8 conversations.
 With --data persona the run also asks general questions before and after (what it knew:
 "What is the capital of France?"), and metrics.json holds both.
@@ -59,31 +58,24 @@ class SFTConfig(TrainConfig):
                                 "(0 = off: try it, and see what the lesson alone does)")
     max_len: int = arg(1024, "longest conversation trained on, in tokens (longer ones are skipped; at most the "
                              "model's context): keeps memory modest for a model with a long context")
-    # the shared training flags, with this stage's defaults: AdamW on batches of 16 conversations.
-    # Muon on batches of 32 (1,600 steps, pretrain.py's optimizer) learned as much from the same
-    # 51,200 conversations, but its Newton-Schulz iteration costs the same whatever the batch, so
-    # an SFT step took 0.30 s against AdamW's 0.11 s on 16 (2 float32 cores; docs/choices.md)
+    # the shared training flags, with this stage's defaults
     init_from: str = "weight/pretrain"
     out_dir: str = "weight/sft"
-    max_steps: int = 3200
-    optimizer: str = "adamw"
-    batch_size: int = 16
-    lr: float = 1.4e-3
-    min_lr: float = 1.4e-4
+    max_steps: int = 1600
+    optimizer: str = "muon"
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     warmup_steps: int = 20
-    eval_interval: int = 400
+    eval_interval: int = 200
     eval_tokens: int = 8192
 
 
 # --preset smollm2: a real pretrained model: AdamW with a small learning rate, few steps of small batches
 # (measured, 30 steps: lr 2e-5 -> 61% of the held-out persona questions, 5e-5 -> 89%, general knowledge kept)
-# --preset cot: worked answers (data/cot.py) -> weight/sft_cot, grpo.py's start, with the recipe its figures
-# were measured with (docs/reasoning.md): Muon, 1,600 steps of 32, answers of up to 64 tokens
 PRESETS = {"smollm2": dict(init_from="smollm2", data="persona", out_dir="weight/smollm2_sft", optimizer="adamw",
                            lr=5e-5, min_lr=5e-6, max_steps=30, batch_size=8, warmup_steps=3, eval_interval=15,
-                           eval_tokens=0, weight_decay=0.0),
-           "cot": dict(data="cot", max_new_tokens=64, out_dir="weight/sft_cot", optimizer="muon", batch_size=32,
-                       max_steps=1600, lr=1e-3, min_lr=1e-4, eval_interval=200)}
+                           eval_tokens=0, weight_decay=0.0)}
 
 
 def default_data():

@@ -11,8 +11,8 @@ score. The chat tasks can be checked exactly (the held-out scores of full_sft.py
 match), so the reward needs no reward model: 1 when the answer is right, else 0. (For tasks
 no checker can score, `--reward verifier` takes verifier.py's learned score of each answer.)
 
-It starts from the model that works its answers out (`python full_sft.py --preset cot`: worked
-answers, data/cot.py, in weight/sft_cot) and practises on that model's own training prompts,
+It starts from the model that works its answers out (`python full_sft.py --data cot --max_new_tokens
+64 --out_dir weight/sft_cot`, data/cot.py) and practises on that model's own training prompts,
 scored on its held-out set. There GRPO has something to work with: the worked answers are
 right often enough that a group of samples holds right and wrong ones, and the measured gain is
 larger than luck (docs/reasoning.md). From the model that answers directly, most groups were all
@@ -99,7 +99,7 @@ class GRPOConfig(TrainConfig):
 
 
 # what makes the default starting model, weight/sft_cot (the pipeline's sft_cot stage runs the same)
-COT_SFT_COMMAND = "python full_sft.py --preset cot"
+COT_SFT_COMMAND = "python full_sft.py --data cot --max_new_tokens 64 --out_dir weight/sft_cot"
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:

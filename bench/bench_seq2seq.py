@@ -96,10 +96,8 @@ def main():
         pre_seconds, pre_memory, _ = run(["pretrain.py", "--out_dir", str(pre), "--overwrite", "--sample_tokens", "0",
                                           "--max_steps", str(args.pretrain_steps), "--eval_interval",
                                           str(args.pretrain_steps), *flags, *quick])
-        # the SFT recipe its records were measured with (Muon on 32; full_sft.py's default is now AdamW on 16)
         sft_seconds, sft_memory, _ = run(["full_sft.py", "--init_from", str(pre), "--out_dir", str(sft), "--overwrite",
                                           "--max_steps", str(args.sft_steps), "--eval_interval", str(args.sft_steps),
-                                          "--optimizer", "muon", "--batch_size", "32", "--lr", "1e-3", "--min_lr", "1e-4",
                                           *quick])
         _, infer_memory, output = run([__file__, "--infer", str(sft)] + ["--quick"] * args.quick)
         speed = json.loads(output.strip().splitlines()[-1])

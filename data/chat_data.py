@@ -53,8 +53,6 @@ from .persona import persona_data
 from .pretrain_data import DataError, check_file_has_content
 
 DEFAULT_CHAT_DIR = DEFAULT_DIR / "chat"                           # generated chat data, built by the chat stages
-# written beside the generated files; a new value makes the project's own folder be generated again
-CHAT_DATA_VERSION = "2: identity questions in three wordings"
 DEFAULT_PERSONA_DIR = DEFAULT_DIR / "persona"                     # the persona lesson (--data persona)
 EVAL_ONLY_ONE_IN = 5         # 1 in 5 words / number pairs / names is only ever used for evaluation
 HOLD_OUT_EVERY_NTH = 20      # a --data file given without --eval_data: every 20th record is held out
@@ -87,21 +85,11 @@ TEMPLATES = {
 }
 RECALL = {"en": ("My name is {name}.", "Nice to meet you, {name}!", "What is my name?"),
           "zh": ("我叫{name}。", "你好，{name}！", "我叫什么名字？")}
-# identity has no numbers or words to hold out, so its held-out items are new phrasings. Each
-# training question comes in a few wordings (one is drawn, as in make_item): with only four
-# questions a language, whether the model generalised to the held-out phrasings was a coin
-# flip per phrasing, and "What is your name and what are you?" was often read as recall's
-# "What is my name?" (answered "N..."); "What's your name?" teaches "your" from "my".
-IDENTITY_TRAIN = {"en": [("Who are you?", "Who am I talking to?", "Who is this?"),
-                         ("What are you?", "What kind of model are you?", "Are you a person or a program?"),
-                         ("Introduce yourself.", "Describe yourself.", "Can you introduce yourself?"),
-                         ("Tell me who you are.", "Tell me about yourself.", "What's your name?")],
-                  "zh": [("你是谁？", "我在和谁说话？", "你是哪位？"),
-                         ("你是什么？", "你是什么模型？", "你是人还是程序？"),
-                         ("请介绍一下你自己。", "描述一下你自己。", "你能介绍一下自己吗？"),
-                         ("告诉我你是谁。", "讲讲你的来历。", "你的名字是什么？")]}
-IDENTITY_HELD_OUT = {"en": [("What is your name and what are you?",), ("Please say who you are.",)],
-                     "zh": [("你叫什么，是什么？",), ("请说说你是谁。",)]}
+# identity has no numbers or words to hold out, so its held-out items are new phrasings
+IDENTITY_TRAIN = {"en": ["Who are you?", "What are you?", "Introduce yourself.", "Tell me who you are."],
+                  "zh": ["你是谁？", "你是什么？", "请介绍一下你自己。", "告诉我你是谁。"]}
+IDENTITY_HELD_OUT = {"en": ["What is your name and what are you?", "Please say who you are."],
+                     "zh": ["你叫什么，是什么？", "请说说你是谁。"]}
 SYLLABLES = ["ka", "ri", "mo", "len", "sa", "vi", "to", "na", "bel", "do", "mi", "ra", "zu", "fen", "lo", "ti"]
 
 
@@ -133,7 +121,7 @@ def synthetic_names(n: int = 400) -> list[str]:
 def make_item(family: str, lang: str, rng: random.Random, pool: dict) -> dict:
     """One conversation of a family, drawn from a pool (the training or the held-out one):
     pool["words"] word list, pool["pairs"] number pairs (a, b), pool["names"], pool["identity"]
-    question groups per language, pool["wording"] a random.Random that picks a wording of a group."""
+    questions per language."""
     if family in ("upper", "repeat", "reverse", "last", "first"):
         w = rng.choice(pool["words"])
         n = rng.randint(2, 4)
@@ -151,10 +139,7 @@ def make_item(family: str, lang: str, rng: random.Random, pool: dict) -> dict:
         intro, greeting, question = (t.format(name=name) for t in RECALL[lang])
         messages = [("user", intro), ("assistant", greeting), ("user", question), ("assistant", name)]
     elif family == "identity":
-        # the question, then its wording from a generator of its own, so that every other item (and
-        # the held-out set) is drawn exactly as before the wordings were added
-        question = pool["wording"].choice(rng.choice(pool["identity"][lang]))
-        messages = [("user", question), ("assistant", PERSONA[lang])]
+        messages = [("user", rng.choice(pool["identity"][lang])), ("assistant", PERSONA[lang])]
     else:
         raise ValueError(f"unknown task family {family!r}; families are {', '.join(FAMILIES)}")
     return {"conversations": [{"role": r, "content": c} for r, c in messages], "family": family, "lang": lang}
@@ -182,8 +167,7 @@ def generate_chat_data(words: list[str], n_train: int, n_eval_per_family: int, s
         pairs = [(a, b) for a in range(100) for b in range(100) if keep(f"{a}+{b}")]
         pools[split] = {"words": [w for w in words if keep(w)], "names": [n for n in names if keep(n)],
                         "pairs": pairs,
-                        "identity": IDENTITY_HELD_OUT if split == "eval" else IDENTITY_TRAIN,
-                        "wording": random.Random(seed + 1)}
+                        "identity": IDENTITY_HELD_OUT if split == "eval" else IDENTITY_TRAIN}
 
     def item(family: str, split: str) -> dict:
         lang = "zh" if rng.random() < zh_share else "en"
@@ -206,26 +190,17 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def build_default_chat_data(out_dir: Path = DEFAULT_CHAT_DIR, n_train: int = 20000,
                             n_eval_per_family: int = 50, seed: int = 0, verbose: bool = True) -> dict[str, Path]:
-    """Write out_dir/sft_train.jsonl and out_dir/sft_eval.jsonl unless they exist. The project's own
-    folder (data/default/chat) is generated again when an earlier version of this file made it
-    (CHAT_DATA_VERSION, in version.txt beside them); files in any other folder are never replaced."""
+    """Write out_dir/sft_train.jsonl and out_dir/sft_eval.jsonl unless they exist."""
     out_dir = Path(out_dir)
     paths = {"train": out_dir / "sft_train.jsonl", "eval": out_dir / "sft_eval.jsonl"}
-    stamp = out_dir / "version.txt"
-    ours = out_dir.resolve() == (DEFAULT_DIR / "chat").resolve()
-    current = stamp.exists() and stamp.read_text(encoding="utf-8").strip() == CHAT_DATA_VERSION
     if all(p.exists() for p in paths.values()):
-        if current or not ours:
-            return paths
-        if verbose:
-            print(f"chat data: {out_dir} was made by an earlier version of data/chat_data.py; generating it again")
+        return paths
     words = default_words()
     plays = {split: (DEFAULT_DIR / f"en_{name}.txt").read_text(encoding="utf-8")
              for split, name in (("train", "train"), ("eval", "val"))}
     train, held_out = generate_chat_data(words, n_train, n_eval_per_family, seed, families=FAMILIES, plays=plays)
     write_jsonl(paths["eval"], held_out)
     write_jsonl(paths["train"], train)
-    stamp.write_text(CHAT_DATA_VERSION + "\n", encoding="utf-8")      # last: a half-made folder is made again
     if verbose:
         print(f"chat data: {len(train):,} training and {len(held_out):,} held-out conversations "
               f"({', '.join(FAMILIES)}) -> {out_dir}")

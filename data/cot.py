@@ -11,7 +11,7 @@ in one step means knowing the letters of every token by heart; spelled out with 
 letter is its own token and every step is a copy. Addition becomes one digit at a time with a
 carry, the way it is taught at school, instead of recalling 10,000 sums.
 
-`python full_sft.py --preset cot` trains on these (data/default/cot/): the same prompts and the
+`python full_sft.py --data cot` trains on these (data/default/cot/): the same prompts and the
 same held-out set as the default chat tasks, with the traces in the answers of these families
 (the others unchanged). Each record keeps its final answer as "answer", and scoring.py compares
 the text after the model's last "Answer:" (or "答案：") with it, so accuracy per family compares

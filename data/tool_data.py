@@ -3,10 +3,9 @@ data/tool_data.py -- chat data that teaches a model to call the calculator for a
 
     python -m data.tool_data --no_schema                   # -> data/default/tools/*.jsonl
     python full_sft.py --data data/default/tools/train_tools.jsonl --eval_data data/default/tools/eval_tools.jsonl \\
-                       --max_steps 800 --batch_size 16 --optimizer muon --lr 1e-3 --min_lr 1e-4 --out_dir weight/sft_tools
+                       --max_steps 800 --batch_size 16 --out_dir weight/sft_tools
     python full_sft.py --data data/default/tools/train_direct.jsonl --eval_data data/default/tools/eval_direct.jsonl \\
-                       --max_steps 800 --batch_size 16 --optimizer muon --lr 1e-3 --min_lr 1e-4 \\
-                       --out_dir weight/sft_direct   # the same questions, no tool
+                       --max_steps 800 --batch_size 16 --out_dir weight/sft_direct   # the same questions, no tool
     python agent_eval.py --task addition --ckpt weight/sft_tools --tools calculator --no-tool_schemas   # 100%
     python agent_eval.py --task addition --ckpt weight/sft_direct                                       # 0%
 

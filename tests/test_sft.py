@@ -32,23 +32,6 @@ def test_held_out_items_never_appear_in_training():
             assert is_held_out(r["conversations"][-1]["content"].split("\n")[0])
 
 
-def test_identity_wordings_leave_every_other_item_as_it_was(monkeypatch):
-    import data.chat_data as chat_data
-    train, held_out = generate_chat_data(WORDS, 2000, 20, seed=0)
-    asked = {r["conversations"][0]["content"] for r in train if r["family"] == "identity"}
-    wordings = {w for groups in chat_data.IDENTITY_TRAIN.values() for group in groups for w in group}
-    assert asked == wordings                                   # every wording is trained on
-    held = {r["conversations"][0]["content"] for r in held_out if r["family"] == "identity"}
-    assert held and not held & asked                           # the held-out phrasings stay new
-    # with one wording per question (as before the wordings), every other item is the same
-    monkeypatch.setattr(chat_data, "IDENTITY_TRAIN", {lang: [group[:1] for group in groups]
-                                                      for lang, groups in chat_data.IDENTITY_TRAIN.items()})
-    train_one, held_out_one = generate_chat_data(WORDS, 2000, 20, seed=0)
-    assert held_out_one == held_out
-    assert [r for r in train_one if r["family"] != "identity"] == [r for r in train if r["family"] != "identity"]
-    assert sum(r["family"] == "identity" for r in train_one) == sum(r["family"] == "identity" for r in train)
-
-
 def test_alpaca_records_are_read_as_conversations(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n", encoding="utf-8")
@@ -153,40 +136,3 @@ def test_preference_pairs_must_share_their_prompt(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps(pair) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="p.jsonl:1: chosen and rejected must share the conversation"):
         list(read_preference_pairs(tmp_path / "p.jsonl"))
-
-
-def test_the_projects_chat_folder_is_generated_again_when_an_earlier_version_made_it(tmp_path, monkeypatch):
-    import data.chat_data as chat_data
-    monkeypatch.setattr(chat_data, "DEFAULT_DIR", tmp_path)
-    monkeypatch.setattr(chat_data, "default_words", lambda: WORDS)
-    (tmp_path / "en_train.txt").write_text("play text")
-    (tmp_path / "en_val.txt").write_text("play text")
-    made = []
-    monkeypatch.setattr(chat_data, "generate_chat_data", lambda *a, **k: made.append(1) or ([{"new": 1}], []))
-    ours, theirs = tmp_path / "chat", tmp_path / "mine"
-    for folder in (ours, theirs):
-        folder.mkdir()
-        for name in ("sft_train.jsonl", "sft_eval.jsonl"):
-            (folder / name).write_text('{"old": 1}\n')       # made before version.txt existed
-    chat_data.build_default_chat_data(theirs, verbose=False)
-    assert (theirs / "sft_train.jsonl").read_text() == '{"old": 1}\n' and not made   # not the project's: kept
-    chat_data.build_default_chat_data(ours, verbose=False)
-    assert (ours / "sft_train.jsonl").read_text() == '{"new": 1}\n' and len(made) == 1
-    assert (ours / "version.txt").read_text().strip() == chat_data.CHAT_DATA_VERSION
-    chat_data.build_default_chat_data(ours, verbose=False)
-    assert len(made) == 1                                      # current now: not made again
-
-
-def test_preset_cot_is_the_worked_answer_recipe_and_flags_still_win():
-    import grpo
-    import pipeline
-    from flags import parse_config
-    cfg = parse_config(full_sft.SFTConfig, "sft", ["--preset", "cot"], presets=full_sft.PRESETS)
-    assert (cfg.data, cfg.optimizer, cfg.batch_size, cfg.max_steps, cfg.max_new_tokens, cfg.out_dir) == \
-        ("cot", "muon", 32, 1600, 64, "weight/sft_cot")
-    plain = parse_config(full_sft.SFTConfig, "sft", [])
-    assert (plain.optimizer, plain.batch_size, plain.max_steps) == ("adamw", 16, 3200)   # the default: direct answers
-    assert parse_config(full_sft.SFTConfig, "sft", ["--preset", "cot", "--max_steps", "9"],
-                        presets=full_sft.PRESETS).max_steps == 9
-    command, folder = pipeline.STAGES["sft_cot"]
-    assert "python " + " ".join(command) == grpo.COT_SFT_COMMAND and folder == cfg.out_dir
