@@ -126,7 +126,8 @@ class VerifierConfig(TrainConfig):
     samples: int = arg(8, "answers sampled per prompt to make pairs")
     prompts: int = arg(1200, "training prompts answered (each gives up to 2 pairs)")
     eval_prompts: int = arg(400, "held-out prompts answered for the held-out pairs")
-    max_new_tokens: int = arg(32, "longest sampled answer")
+    max_new_tokens: int = arg(0, "longest sampled answer (0 = the SFT model's own, from its config.json: 64 for "
+                                 "worked answers; else 32)")
     best_of: int = arg(8, "after training: best-of-k on the held-out tasks for k = 1, 2, 4, ... this (0 = skip)")
     # the shared training flags, with this stage's defaults
     init_from: str = "weight/sft"
@@ -146,6 +147,8 @@ def main(argv=None):
     rt = setup_runtime(cfg)
     backbone, ckpt_config = load_decoder_only(cfg.init_from, rt.device, "verifier.py")
     tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+    if not cfg.max_new_tokens:      # as long as the SFT model's answers were allowed to be when it was measured
+        cfg.max_new_tokens = int((ckpt_config.get("train") or {}).get("max_new_tokens") or 32)
 
     # 1. pairs: the SFT model's own answers, right against wrong (held-out pairs from held-out prompts), to
     # the prompts it was fine-tuned on (worked answers for weight/sft_cot), else the default chat tasks'

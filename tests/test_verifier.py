@@ -112,3 +112,28 @@ def test_an_untrained_verifier_is_at_chance_on_pairs():
     pairs = [([1, 2, 3], [1, 2, 4, 5]), ([7, 8], [9])]
     loss, accuracy = pair_accuracy(reward_model, pairs, pad_id=0, device="cpu")
     assert accuracy == 0.5 and abs(loss - math.log(2)) < 1e-6
+
+
+@pytest.mark.parametrize("own,flags,expected", [(5, [], 5), (None, [], 32), (5, ["--max_new_tokens", "7"], 7)])
+def test_answers_are_sampled_as_long_as_the_sft_model_was_measured_with(tiny_pretrained, tmp_path, monkeypatch,
+                                                                        own, flags, expected):
+    import shutil
+    ckpt = tmp_path / "sft"
+    shutil.copytree(tiny_pretrained / "ckpt", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.setdefault("train", {})["max_new_tokens"] = own        # worked answers were measured with 64, say
+    (ckpt / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(verifier, "DEFAULT_CHAT_DIR", tmp_path / "chat")
+    (tmp_path / "chat").mkdir()
+    for name in ("train", "eval"):
+        (tmp_path / "chat" / f"sft_{name}.jsonl").write_text((tiny_pretrained / f"{name}.jsonl").read_text())
+
+    class Stop(Exception):
+        pass
+
+    def asked(model, tokenizer, records, samples, max_new_tokens, seed):
+        raise Stop(max_new_tokens)
+    monkeypatch.setattr(verifier, "own_answer_pairs", asked)
+    with pytest.raises(Stop) as stopped:
+        verifier.main(["--init_from", str(ckpt), "--out_dir", str(tmp_path / "v"), "--prompts", "4"] + flags)
+    assert stopped.value.args == (expected,)
