@@ -119,7 +119,7 @@ def addition_report(engine: Engine, cfg: AgentEvalConfig, params: SamplingParams
 
 def main(argv=None):
     cfg = parse_config(AgentEvalConfig, __doc__.split("\n\n")[0].strip(), argv)
-    for name in ("k", "batch_size", "max_tool_steps", "n_countries"):
+    for name in ("k", "batch_size", "max_tool_steps", "n_countries", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.task == "addition" and not Path(cfg.data).exists():        # before the model loads: say it at once

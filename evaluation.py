@@ -345,6 +345,8 @@ def main(argv=None):
     if cfg.samples < 0 or (cfg.samples and cfg.temperature <= 0):
         raise ValueError(f"--samples {cfg.samples} --temperature {cfg.temperature:g}: sampling needs --samples >= 1 "
                          f"and a temperature above 0 (at 0 every sample is the greedy answer)")
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     if parse_tasks(cfg.tasks)[1]:                                # a wrong name or missing data stops here,
         check_benchmark_data()                                    # before the model loads
     model, tokenizer, _, _ = load_model(cfg.ckpt, cfg.lora, resolve_device(cfg.device), make_hint="python full_sft.py")

@@ -202,6 +202,8 @@ def check_train_config(cfg: TrainConfig):
         raise ValueError(f"need 0 <= --min_lr <= --lr and --lr > 0, got lr={cfg.lr}, min_lr={cfg.min_lr}")
     if cfg.time_budget < 0:
         raise ValueError(f"--time_budget must be >= 0 seconds (0 = off), got {cfg.time_budget}")
+    if getattr(cfg, "max_new_tokens", 0) < 0:      # the stages that generate answers to score them
+        raise ValueError(f"--max_new_tokens must be >= 0, got {cfg.max_new_tokens}")
     if is_hf_folder(cfg.out_dir):
         # a checkpoint's config.json and tokenizer.json would replace the folder's own, beside its safetensors
         raise ValueError(f"--out_dir {cfg.out_dir} is a Hugging Face model folder: training writes the project's "

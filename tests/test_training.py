@@ -301,6 +301,20 @@ def test_zero_values_are_refused_before_any_work(corpus, tmp_path, flag):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("script", ["full_sft.py", "lora.py", "dpo.py", "grpo.py", "verifier.py", "distill.py"])
+def test_a_negative_answer_length_is_refused_in_one_line(tmp_path, script):
+    result = run_cli(script, "--max_new_tokens", "-1", "--out_dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "--max_new_tokens must be >= 0, got -1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("script", ["evaluation.py", "agent_eval.py"])
+def test_an_answer_length_below_one_is_refused_before_the_model_loads(script):
+    result = run_cli(script, "--max_new_tokens", "-1", "--ckpt", "no/such/folder")
+    assert result.returncode == 2 and "--max_new_tokens must be at least 1, got -1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_too_little_text_for_validation_is_one_clear_line(tmp_path):
     (tmp_path / "one.txt").write_text("just one line of text\n", encoding="utf-8")
     result = run_cli("pretrain.py", *tiny_args(tmp_path, tmp_path / "x"), "--data", str(tmp_path / "one.txt"))
